@@ -1,0 +1,249 @@
+//! `keygen` and `bundle create|info`: thin wrappers over the bundle writer in the edge-ota
+//! library, so device and builder share one definition of the format.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use edge_ota::bundle::reader::BundleHead;
+use edge_ota::bundle::writer::{self, BundleSpec, Chunking, PayloadInput};
+use edge_ota::bundle::PayloadKind;
+use edge_ota::error::{Error, IoContext, Result};
+use edge_ota::verify;
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Output prefix: writes PREFIX.key.pem (private, mode 0600) and PREFIX.pub.pem.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Create a signed bundle.
+    Create(CreateArgs),
+    /// Show a bundle's header, manifest and signatures (not verified).
+    Info {
+        bundle: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Output bundle file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Product/hardware string devices must match.
+    #[arg(long)]
+    compatible: String,
+    /// Bundle version (semver).
+    #[arg(long)]
+    version: semver::Version,
+    /// Anti-rollback counter: devices refuse bundles below their confirmed one.
+    #[arg(long)]
+    security_version: u64,
+    /// Signing key (PEM PKCS#8); repeat for several signatures.
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    /// Root filesystem image (shorthand for --payload image:rootfs:PATH).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// A payload KIND:TARGET:PATH, KIND one of image, kernel, container-images, file.
+    #[arg(long = "payload")]
+    payloads: Vec<String>,
+    /// Creation time, unix seconds. Default: $SOURCE_DATE_EPOCH, else the newest input mtime
+    /// (so the same inputs give the same bytes).
+    #[arg(long)]
+    created: Option<u64>,
+    /// Expiry, unix seconds.
+    #[arg(long, conflicts_with = "expires_in_days")]
+    expires: Option<u64>,
+    /// Expiry relative to the creation time.
+    #[arg(long)]
+    expires_in_days: Option<u64>,
+    /// zstd level.
+    #[arg(long, default_value_t = 3)]
+    level: i32,
+    /// Compression threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Average chunk size in KiB (min = avg/4, max = avg*4).
+    #[arg(long, default_value_t = 64)]
+    chunk_kib: u32,
+}
+
+pub fn keygen(a: KeygenArgs) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (private, public) = verify::generate_key_pem()?;
+    let key_path = PathBuf::from(format!("{}.key.pem", a.out.display()));
+    let pub_path = PathBuf::from(format!("{}.pub.pem", a.out.display()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .and_then(|mut f| f.write_all(private.as_bytes()))
+        .ctx(|| format!("writing {}", key_path.display()))?;
+    std::fs::write(&pub_path, public).ctx(|| format!("writing {}", pub_path.display()))?;
+    let id = verify::key_id(&verify::read_public_key(&pub_path)?);
+    println!("key {id}: {} {}", key_path.display(), pub_path.display());
+    Ok(())
+}
+
+fn parse_payload(spec: &str) -> Result<PayloadInput> {
+    let mut parts = spec.splitn(3, ':');
+    let (Some(kind), Some(target), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(Error::Usage(format!("--payload {spec:?}: expected KIND:TARGET:PATH")));
+    };
+    let kind = match kind {
+        "image" => PayloadKind::Image,
+        "kernel" => PayloadKind::Kernel,
+        "container-images" => PayloadKind::ContainerImages,
+        "file" => PayloadKind::File,
+        other => return Err(Error::Usage(format!("--payload: unknown kind {other:?}"))),
+    };
+    Ok(PayloadInput {
+        name: target.to_string(),
+        kind,
+        target: target.to_string(),
+        path: path.into(),
+    })
+}
+
+pub fn create(a: CreateArgs) -> Result<()> {
+    let mut payloads = Vec::new();
+    if let Some(img) = &a.image {
+        payloads.push(PayloadInput {
+            name: "rootfs".into(),
+            kind: PayloadKind::Image,
+            target: "rootfs".into(),
+            path: img.clone(),
+        });
+    }
+    for p in &a.payloads {
+        payloads.push(parse_payload(p)?);
+    }
+    if payloads.is_empty() {
+        return Err(Error::Usage("no payloads: give --image or --payload".into()));
+    }
+    let created = match a.created {
+        Some(c) => c,
+        None => match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) => v
+                .parse()
+                .map_err(|_| Error::Usage(format!("SOURCE_DATE_EPOCH={v:?} is not a number")))?,
+            Err(_) => newest_mtime(&payloads)?,
+        },
+    };
+    let expires = a
+        .expires
+        .or(a.expires_in_days.map(|d| created + d * 86_400));
+    let keys = a
+        .keys
+        .iter()
+        .map(|k| verify::read_private_key(k))
+        .collect::<Result<Vec<_>>>()?;
+    let avg = a.chunk_kib << 10;
+    let spec = BundleSpec {
+        compatible: a.compatible,
+        version: a.version,
+        security_version: a.security_version,
+        created,
+        expires,
+        payloads,
+        chunking: Chunking {
+            min: avg / 4,
+            avg,
+            max: avg * 4,
+        },
+        zstd_level: a.level,
+        threads: a
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+    };
+    let m = writer::create(&spec, &keys, &a.out)?;
+    let chunks: usize = m.payloads.iter().map(|p| p.chunks.len()).sum();
+    let size: u64 = m.payloads.iter().map(|p| p.size).sum();
+    let bundle_len = std::fs::metadata(&a.out)
+        .ctx(|| format!("reading {}", a.out.display()))?
+        .len();
+    println!(
+        "{}: version {} security {}; {} payload(s), {size} bytes in {chunks} chunks -> {bundle_len} bytes",
+        a.out.display(),
+        m.version,
+        m.security_version,
+        m.payloads.len()
+    );
+    Ok(())
+}
+
+fn newest_mtime(payloads: &[PayloadInput]) -> Result<u64> {
+    let mut newest = 0;
+    for p in payloads {
+        let m = std::fs::metadata(&p.path).ctx(|| format!("reading {}", p.path.display()))?;
+        let t = m
+            .modified()
+            .ctx(|| format!("reading mtime of {}", p.path.display()))?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        newest = newest.max(t);
+    }
+    Ok(newest)
+}
+
+pub fn run(c: BundleCommand) -> Result<()> {
+    match c {
+        BundleCommand::Create(a) => create(a),
+        BundleCommand::Info { bundle, json } => {
+            let mut f = std::fs::File::open(&bundle).ctx(|| format!("opening {}", bundle.display()))?;
+            let head = BundleHead::read(&mut f)?;
+            let m = head.parse_unverified()?;
+            if json {
+                let v = serde_json::json!({
+                    "version": 1,
+                    "header": {
+                        "manifest_len": head.header.manifest_len,
+                        "signatures_len": head.header.signatures_len,
+                        "payload_len": head.header.payload_len,
+                    },
+                    "signatures": head.signatures.signatures.iter().map(|s| &s.key_id).collect::<Vec<_>>(),
+                    "manifest": m,
+                });
+                println!("{}", serde_json::to_string_pretty(&v).expect("serializable"));
+            } else {
+                println!(
+                    "{}: {} {} security {} created {} expires {}",
+                    bundle.display(),
+                    m.compatible,
+                    m.version,
+                    m.security_version,
+                    m.created,
+                    m.expires.map_or("never".into(), |e| e.to_string())
+                );
+                println!(
+                    "header: manifest {} bytes, signatures {} bytes, payload {} bytes",
+                    head.header.manifest_len, head.header.signatures_len, head.header.payload_len
+                );
+                for s in &head.signatures.signatures {
+                    println!("signed by key {}", s.key_id);
+                }
+                for p in &m.payloads {
+                    let clen: u64 = p.chunks.iter().map(|c| u64::from(c.clen)).sum();
+                    println!(
+                        "payload {}: {} -> {}, {} bytes ({} compressed) in {} chunks, blake3 {}",
+                        p.name,
+                        p.kind.as_str(),
+                        p.target,
+                        p.size,
+                        clen,
+                        p.chunks.len(),
+                        p.blake3
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Reading a bundle from any byte stream (file, pipe, HTTP body): the head (header, manifest,
+//! signatures) first, verified before any payload byte is used; then chunk by chunk.
+
+use std::io::{ErrorKind, Read};
+
+use super::{limits, Chunk, Digest, Header, Manifest, HEADER_LEN};
+use crate::error::{Error, Result};
+use crate::verify::{Signatures, TrustedKeys};
+
+/// The head of a bundle: everything before the chunk data.
+#[derive(Debug, Clone)]
+pub struct BundleHead {
+    pub header: Header,
+    pub manifest_bytes: Vec<u8>,
+    pub signatures: Signatures,
+}
+
+/// A manifest whose signatures met the threshold and whose structure is valid.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub manifest: Manifest,
+    /// Ids of the trusted keys that signed.
+    pub signers: Vec<String>,
+    /// blake3 of the signed manifest bytes.
+    pub id: Digest,
+}
+
+/// `read_exact` that reports running out of input as a truncated bundle.
+pub fn read_exact_or_truncated<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut [u8],
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        ErrorKind::UnexpectedEof => Error::Truncated(format!("ends inside {}", what())),
+        _ => Error::io(format!("reading bundle ({})", what()), e),
+    })
+}
+
+impl BundleHead {
+    /// Read header, manifest and signatures. Every length is checked against the limits
+    /// before anything is allocated.
+    pub fn read<R: Read + ?Sized>(r: &mut R) -> Result<Self> {
+        let mut hb = [0u8; HEADER_LEN];
+        read_exact_or_truncated(r, &mut hb, || "the header".into())?;
+        let header = Header::decode(&hb)?;
+        let mut manifest_bytes = vec![0u8; header.manifest_len as usize];
+        read_exact_or_truncated(r, &mut manifest_bytes, || "the manifest".into())?;
+        let mut sig_bytes = vec![0u8; header.signatures_len as usize];
+        read_exact_or_truncated(r, &mut sig_bytes, || "the signatures".into())?;
+        let signatures = if sig_bytes.is_empty() {
+            Signatures::default()
+        } else {
+            Signatures::parse(&sig_bytes)?
+        };
+        Ok(BundleHead {
+            header,
+            manifest_bytes,
+            signatures,
+        })
+    }
+
+    /// Verify the signatures over the exact manifest bytes, then parse and validate it.
+    /// Nothing in the manifest is looked at before the signatures pass.
+    pub fn verify(&self, trust: &TrustedKeys) -> Result<Verified> {
+        let signers = trust.verify(&self.manifest_bytes, &self.signatures)?;
+        let manifest = self.parse_unverified()?;
+        Ok(Verified {
+            manifest,
+            signers,
+            id: Manifest::id(&self.manifest_bytes),
+        })
+    }
+
+    /// Parse and validate the manifest WITHOUT checking signatures: only for showing what a
+    /// bundle claims (`info`), never for installing.
+    pub fn parse_unverified(&self) -> Result<Manifest> {
+        let manifest: Manifest = serde_json::from_slice(&self.manifest_bytes)
+            .map_err(|e| Error::Format(format!("manifest: {e}")))?;
+        manifest.validate(&self.header)?;
+        Ok(manifest)
+    }
+}
+
+/// Decompress one chunk into `out` and check it against the manifest before it may be used.
+/// `out` never grows beyond the chunk's declared length, so a decompression bomb cannot
+/// allocate more than [`limits::MAX_CHUNK`].
+pub fn decode_chunk(
+    dec: &mut zstd::bulk::Decompressor<'_>,
+    chunk: &Chunk,
+    compressed: &[u8],
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), String> {
+    debug_assert!(chunk.len <= limits::MAX_CHUNK);
+    out.clear();
+    out.reserve_exact(chunk.len as usize);
+    let n = dec
+        .decompress_to_buffer(compressed, out)
+        .map_err(|e| format!("does not decompress ({e})"))?;
+    if n != chunk.len as usize {
+        return Err(format!(
+            "decompresses to {n} bytes, manifest says {}",
+            chunk.len
+        ));
+    }
+    if blake3::hash(out).as_bytes() != &chunk.hash.0 {
+        return Err("hash mismatch".into());
+    }
+    Ok(())
+}
+
+/// After the last chunk: the stream must end here.
+pub fn expect_end<R: Read + ?Sized>(r: &mut R) -> Result<()> {
+    let mut b = [0u8; 1];
+    loop {
+        match r.read(&mut b) {
+            Ok(0) => return Ok(()),
+            Ok(_) => return Err(Error::Format("trailing data after the last chunk".into())),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io("reading bundle end", e)),
+        }
+    }
+}
