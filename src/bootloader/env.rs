@@ -57,7 +57,11 @@ impl<S: EnvStore> EnvBootloader<S> {
         Ok((vars, order))
     }
 
-    fn parse_state(&self, vars: &BTreeMap<String, String>, slot: &str) -> Result<SlotBootState, BootError> {
+    fn parse_state(
+        &self,
+        vars: &BTreeMap<String, String>,
+        slot: &str,
+    ) -> Result<SlotBootState, BootError> {
         let st = vars
             .get(&state_key(slot))
             .ok_or_else(|| self.corrupt(format!("{} is missing", state_key(slot))))?;
@@ -68,13 +72,20 @@ impl<S: EnvStore> EnvBootloader<S> {
             t.parse::<u32>()
                 .ok()
                 .filter(|n| *n <= MAX_TRIES)
-                .ok_or_else(|| self.corrupt(format!("{}={t:?} is not 0..{MAX_TRIES}", tries_key(slot))))
+                .ok_or_else(|| {
+                    self.corrupt(format!("{}={t:?} is not 0..{MAX_TRIES}", tries_key(slot)))
+                })
         };
         match st.as_str() {
             "good" => Ok(SlotBootState::Good),
             "bad" => Ok(SlotBootState::Bad),
-            "trying" => Ok(SlotBootState::Trying { tries_left: tries()? }),
-            other => Err(self.corrupt(format!("{}={other:?} (expected good, trying or bad)", state_key(slot)))),
+            "trying" => Ok(SlotBootState::Trying {
+                tries_left: tries()?,
+            }),
+            other => Err(self.corrupt(format!(
+                "{}={other:?} (expected good, trying or bad)",
+                state_key(slot)
+            ))),
         }
     }
 
@@ -132,7 +143,9 @@ impl<S: EnvStore> Bootloader for EnvBootloader<S> {
 
     fn set_primary(&mut self, slot: &str, tries: u32) -> Result<(), BootError> {
         if tries == 0 || tries > MAX_TRIES {
-            return Err(BootError::Invalid(format!("tries {tries} must be 1..{MAX_TRIES}")));
+            return Err(BootError::Invalid(format!(
+                "tries {tries} must be 1..{MAX_TRIES}"
+            )));
         }
         self.update(slot, |vars, order| {
             order.retain(|s| s != slot);
@@ -188,7 +201,10 @@ mod tests {
         bl.set_primary("B", 2).unwrap();
         assert_eq!(bl.select_and_count().unwrap().as_deref(), Some("B"));
         assert_eq!(bl.select_and_count().unwrap().as_deref(), Some("B"));
-        assert_eq!(bl.slot_state("B").unwrap(), SlotBootState::Trying { tries_left: 0 });
+        assert_eq!(
+            bl.slot_state("B").unwrap(),
+            SlotBootState::Trying { tries_left: 0 }
+        );
         assert_eq!(bl.select_and_count().unwrap().as_deref(), Some("A"));
         assert_eq!(bl.order().unwrap(), vec!["B", "A"]);
     }

@@ -100,7 +100,16 @@ pub fn open(cfg: &crate::config::Config) -> Result<Box<dyn Bootloader>, BootErro
     let path = cfg.bootloader.path.clone();
     Ok(match cfg.bootloader.backend {
         BackendKind::File => Box::new(env::EnvBootloader::new(file::FileEnv::new(path))),
-        other => return Err(BootError::Invalid(format!("backend {other:?} not wired yet"))),
+        BackendKind::Grub => Box::new(env::EnvBootloader::new(grubenv::GrubEnvFile::new(path))),
+        BackendKind::Uboot => Box::new(env::EnvBootloader::new(
+            uboot_env::UBootEnv::from_config_file(&path)?,
+        )),
+        BackendKind::SystemdBoot => Box::new(systemd_boot::SystemdBoot::new(
+            path.join("loader/entries"),
+            path.join("loader/loader.conf"),
+            cfg.bootloader.entry_prefix.clone(),
+            cfg.slots.iter().map(|s| s.name.clone()).collect(),
+        )?),
     })
 }
 
@@ -111,6 +120,13 @@ pub fn init(cfg: &crate::config::Config, good: &str) -> Result<(), BootError> {
     let vars = env::EnvBootloader::<file::FileEnv>::initial_vars(&slots, good);
     match cfg.bootloader.backend {
         BackendKind::File => file::FileEnv::new(&cfg.bootloader.path).store(&vars),
-        other => Err(BootError::Invalid(format!("backend {other:?} not wired yet"))),
+        BackendKind::Grub => grubenv::GrubEnvFile::create(&cfg.bootloader.path, &vars).map(drop),
+        BackendKind::Uboot => {
+            uboot_env::UBootEnv::from_config_file(&cfg.bootloader.path)?.store(&vars)
+        }
+        BackendKind::SystemdBoot => Err(BootError::Invalid(
+            "systemd-boot keeps its state in entry file names: the image builder installs them"
+                .into(),
+        )),
     }
 }

@@ -945,6 +945,16 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_config_parses() {
+        let text = include_str!("../../bootloader/u-boot/fw_env.config.example");
+        let locs = parse_fw_env_config(text).unwrap();
+        assert_eq!(locs.len(), 2);
+        assert_eq!((locs[0].offset, locs[0].size), (0x400000, 0x10000));
+        assert_eq!((locs[1].offset, locs[1].size), (0x410000, 0x10000));
+        assert!(UBootEnv::new(locs).is_ok());
+    }
+
+    #[test]
     fn config_errors() {
         for (text, want) in [
             ("", "no environment location"),
