@@ -97,7 +97,10 @@ fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) {
             version: JSON_VERSION,
             inner: value,
         };
-        println!("{}", serde_json::to_string_pretty(&v).expect("serializable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("serializable")
+        );
     } else {
         print!("{}", text());
     }
@@ -119,11 +122,17 @@ pub fn run(cli: Cli) -> Result<u8> {
             let mut bl = bootloader::open(&cfg)?;
             let mut src = Source::open(&source)?;
             let opts = ApplyOptions { slot, tries };
-            let report = install::apply(&cfg, bl.as_mut(), &mut src, &opts, &Progress::auto(quiet || json))?;
+            let report = install::apply(
+                &cfg,
+                bl.as_mut(),
+                &mut src,
+                &opts,
+                &Progress::auto(quiet || json),
+            )?;
             print(json, &report, || {
                 format!(
                     "installed {} (security version {}) into slot {}; it boots next ({} tries)\n",
-                    report.version, report.security_version, report.slot, report.tries
+                    report.bundle_version, report.security_version, report.slot, report.tries
                 )
             });
             if !no_reboot {
@@ -158,7 +167,12 @@ pub fn run(cli: Cli) -> Result<u8> {
             };
             let info = BundleInfo {
                 bundle_id: crate::bundle::Manifest::id(&head.manifest_bytes).to_hex(),
-                signatures: head.signatures.signatures.iter().map(|s| s.key_id.clone()).collect(),
+                signatures: head
+                    .signatures
+                    .signatures
+                    .iter()
+                    .map(|s| s.key_id.clone())
+                    .collect(),
                 verified: match &verified {
                     Some(Ok(_)) => "yes",
                     Some(Err(_)) => "no",
@@ -183,14 +197,22 @@ pub fn run(cli: Cli) -> Result<u8> {
             let cfg = load()?;
             let mut bl = bootloader::open(&cfg)?;
             let s = crate::control::mark_good(&cfg, bl.as_mut(), slot.as_deref())?;
-            print(json, &serde_json::json!({"slot": s, "marked": "good"}), || format!("slot {s} marked good\n"));
+            print(
+                json,
+                &serde_json::json!({"slot": s, "marked": "good"}),
+                || format!("slot {s} marked good\n"),
+            );
             Ok(0)
         }
         Command::MarkBad { slot } => {
             let cfg = load()?;
             let mut bl = bootloader::open(&cfg)?;
             let s = crate::control::mark_bad(&cfg, bl.as_mut(), slot.as_deref())?;
-            print(json, &serde_json::json!({"slot": s, "marked": "bad"}), || format!("slot {s} marked bad\n"));
+            print(
+                json,
+                &serde_json::json!({"slot": s, "marked": "bad"}),
+                || format!("slot {s} marked bad\n"),
+            );
             Ok(0)
         }
         Command::MarkActive { slot, tries } => {
@@ -198,9 +220,11 @@ pub fn run(cli: Cli) -> Result<u8> {
             let mut bl = bootloader::open(&cfg)?;
             let tries = tries.unwrap_or(cfg.tries);
             crate::control::mark_active(&cfg, bl.as_mut(), &slot, tries)?;
-            print(json, &serde_json::json!({"slot": slot, "marked": "active", "tries": tries}), || {
-                format!("slot {slot} boots next ({tries} tries)\n")
-            });
+            print(
+                json,
+                &serde_json::json!({"slot": slot, "marked": "active", "tries": tries}),
+                || format!("slot {slot} boots next ({tries} tries)\n"),
+            );
             Ok(0)
         }
         Command::Health { no_reboot } => {
@@ -208,8 +232,12 @@ pub fn run(cli: Cli) -> Result<u8> {
             let mut bl = bootloader::open(&cfg)?;
             let verdict = crate::health::run(&cfg, bl.as_mut())?;
             print(json, &verdict, || match &verdict {
-                crate::health::Verdict::AlreadyGood { slot } => format!("slot {slot}: already good; boot recorded healthy\n"),
-                crate::health::Verdict::Confirmed { slot } => format!("slot {slot}: healthy, marked good\n"),
+                crate::health::Verdict::AlreadyGood { slot } => {
+                    format!("slot {slot}: already good; boot recorded healthy\n")
+                }
+                crate::health::Verdict::Confirmed { slot } => {
+                    format!("slot {slot}: healthy, marked good\n")
+                }
                 crate::health::Verdict::Failed { slot, reason } => {
                     format!("slot {slot}: UNHEALTHY ({reason}); marked bad\n")
                 }
@@ -226,7 +254,9 @@ pub fn run(cli: Cli) -> Result<u8> {
             let cfg = load()?;
             cfg.slot(&good)?;
             bootloader::init(&cfg, &good)?;
-            print(json, &serde_json::json!({"good": good}), || format!("boot environment written; slot {good} boots\n"));
+            print(json, &serde_json::json!({"good": good}), || {
+                format!("boot environment written; slot {good} boots\n")
+            });
             Ok(0)
         }
     }

@@ -119,9 +119,15 @@ impl Config {
             // Slot names become bootloader variable names and kernel arguments.
             if s.name.is_empty()
                 || s.name.len() > 16
-                || !s.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                || !s
+                    .name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
             {
-                return Err(err(format!("slot name {:?}: use letters, digits, _", s.name)));
+                return Err(err(format!(
+                    "slot name {:?}: use letters, digits, _",
+                    s.name
+                )));
             }
             if c.slots[..i].iter().any(|o| o.name == s.name) {
                 return Err(err(format!("slot {:?} listed twice", s.name)));
@@ -141,7 +147,9 @@ impl Config {
             }
         }
         if c.trust.keys.is_empty() {
-            return Err(err("trust.keys is empty: no bundle could ever be accepted".into()));
+            return Err(err(
+                "trust.keys is empty: no bundle could ever be accepted".into()
+            ));
         }
         if c.trust.threshold == 0 || c.trust.threshold > c.trust.keys.len() {
             return Err(err(format!(

@@ -9,9 +9,6 @@ use crate::error::{Error, Result};
 use crate::state::{RollbackEvent, SlotStatus, State, StateStore};
 use crate::verify::unix_now;
 
-/// Schema version of `status --json`.
-pub const STATUS_VERSION: u32 = 1;
-
 /// Confirm `slot` (the booted one): good in the bootloader, and the anti-rollback floor rises
 /// to its bundle's security version. Only now, never at install time.
 pub fn confirm(bl: &mut dyn Bootloader, state: &mut State, slot: &str) -> Result<()> {
@@ -98,9 +95,9 @@ pub struct SlotReport {
     pub record: crate::state::SlotRecord,
 }
 
+/// `status`; the CLI adds the JSON schema `version` field.
 #[derive(Debug, Serialize)]
 pub struct Status {
-    pub version: u32,
     pub compatible: String,
     pub booted: Option<String>,
     /// The slot the bootloader will pick next.
@@ -141,9 +138,9 @@ pub fn status(cfg: &Config, bl: &dyn Bootloader) -> Result<Status> {
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Status {
-        version: STATUS_VERSION,
         compatible: cfg.compatible.clone(),
-        fallback: !pending && matches!((&booted, order.first()), (Some(b), Some(first)) if b != first),
+        fallback: !pending
+            && matches!((&booted, order.first()), (Some(b), Some(first)) if b != first),
         pending_reboot: pending,
         booted,
         next_boot: bl.next_boot()?,

@@ -32,8 +32,7 @@ pub fn booted_slot(cmdline: &Path) -> Result<Option<String>> {
 pub fn parse_cmdline(text: &str) -> Option<String> {
     text.split_ascii_whitespace()
         .filter_map(|arg| arg.strip_prefix(CMDLINE_KEY)?.strip_prefix('='))
-        .filter(|v| !v.is_empty())
-        .last()
+        .rfind(|v| !v.is_empty())
         .map(str::to_string)
 }
 
@@ -91,8 +90,14 @@ pub fn resolve(cfg: &Config, slot: &SlotConfig) -> Result<SlotDevice> {
             size,
         });
     }
-    let label = slot.partlabel.as_deref().expect("config checked device or partlabel");
-    let disk = cfg.disk.as_deref().expect("config checked disk with partlabel");
+    let label = slot
+        .partlabel
+        .as_deref()
+        .expect("config checked device or partlabel");
+    let disk = cfg
+        .disk
+        .as_deref()
+        .expect("config checked disk with partlabel");
     let (number, offset, size) = find_partition(disk, label)?;
     // Prefer the kernel's partition node (/dev/vda3, /dev/nvme0n1p3, /dev/loop0p3) so writes
     // go through the same device the system mounts; a disk image file has none.
@@ -129,9 +134,12 @@ pub fn find_partition(disk: &Path, label: &str) -> Result<(u32, u64, u64)> {
         .map_err(|e| Error::Slot(format!("reading GPT of {}: {e}", disk.display())))?;
     let lb = *gpt.logical_block_size();
     let mut found = gpt.partitions().iter().filter(|(_, p)| p.name == label);
-    let (num, part) = found
-        .next()
-        .ok_or_else(|| Error::Slot(format!("no partition named {label:?} on {}", disk.display())))?;
+    let (num, part) = found.next().ok_or_else(|| {
+        Error::Slot(format!(
+            "no partition named {label:?} on {}",
+            disk.display()
+        ))
+    })?;
     if found.next().is_some() {
         return Err(Error::Slot(format!(
             "more than one partition named {label:?} on {}",
@@ -153,7 +161,11 @@ fn partition_node_candidates(disk: &Path, number: u32) -> Vec<PathBuf> {
         return Vec::new();
     }
     // The kernel inserts "p" when the disk name ends in a digit (loop0p3, nvme0n1p3).
-    let sep = if d.ends_with(|c: char| c.is_ascii_digit()) { "p" } else { "" };
+    let sep = if d.ends_with(|c: char| c.is_ascii_digit()) {
+        "p"
+    } else {
+        ""
+    };
     vec![PathBuf::from(format!("{d}{sep}{number}"))]
 }
 
@@ -169,6 +181,9 @@ mod tests {
         );
         assert_eq!(parse_cmdline("edgeota.slot= ro"), None);
         assert_eq!(parse_cmdline("edgeota.slotx=A"), None);
-        assert_eq!(parse_cmdline("edgeota.slot=A edgeota.slot=B"), Some("B".into()));
+        assert_eq!(
+            parse_cmdline("edgeota.slot=A edgeota.slot=B"),
+            Some("B".into())
+        );
     }
 }

@@ -244,14 +244,17 @@ mod tests {
 
     #[test]
     fn forged_signature_is_refused_even_above_threshold() {
-        let trust = TrustedKeys::new(vec![key(1).verifying_key(), key(2).verifying_key()], 1)
-            .unwrap();
+        let trust =
+            TrustedKeys::new(vec![key(1).verifying_key(), key(2).verifying_key()], 1).unwrap();
         let m = b"manifest";
         let mut sigs = Signatures::sign(m, &[key(1), key(2)]);
         sigs.signatures[1].sig = Signatures::sign(b"other", &[key(2)]).signatures[0]
             .sig
             .clone();
-        assert!(matches!(trust.verify(m, &sigs), Err(Error::BadSignature(_))));
+        assert!(matches!(
+            trust.verify(m, &sigs),
+            Err(Error::BadSignature(_))
+        ));
     }
 
     #[test]

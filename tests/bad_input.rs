@@ -13,11 +13,19 @@ fn refused_unchanged(dev: &Device, bundle: &std::path::Path, code: i32, msg: &st
     let before = dev.snapshot();
     let o = dev.run(&["apply", "--no-reboot", bundle.to_str().unwrap()]);
     assert_refused(&o, code, msg);
-    assert!(before == dev.snapshot(), "refused bundle changed the device");
+    assert!(
+        before == dev.snapshot(),
+        "refused bundle changed the device"
+    );
     assert_eq!(dev.boot_state("B"), SlotBootState::Bad);
 }
 
-fn corrupt(dev: &Device, src: &std::path::Path, name: &str, f: impl FnOnce(&mut Vec<u8>)) -> std::path::PathBuf {
+fn corrupt(
+    dev: &Device,
+    src: &std::path::Path,
+    name: &str,
+    f: impl FnOnce(&mut Vec<u8>),
+) -> std::path::PathBuf {
     let mut b = std::fs::read(src).unwrap();
     f(&mut b);
     let p = dev.path(name);
@@ -28,25 +36,44 @@ fn corrupt(dev: &Device, src: &std::path::Path, name: &str, f: impl FnOnce(&mut 
 #[test]
 fn wrong_key_is_refused() {
     let dev = Device::new(1 << 20);
-    let b = dev.bundle("b", &BundleOpts { keys: vec!["INSECURE-demo-second.key.pem"], ..Default::default() });
+    let b = dev.bundle(
+        "b",
+        &BundleOpts {
+            keys: vec!["INSECURE-demo-second.key.pem"],
+            ..Default::default()
+        },
+    );
     refused_unchanged(&dev, &b, 13, "signed only by unknown keys");
 }
 
 #[test]
 fn unsigned_bundle_is_refused() {
     let dev = Device::new(1 << 20);
-    let b = dev.bundle("b", &BundleOpts { keys: vec![], ..Default::default() });
+    let b = dev.bundle(
+        "b",
+        &BundleOpts {
+            keys: vec![],
+            ..Default::default()
+        },
+    );
     refused_unchanged(&dev, &b, 13, "bundle is unsigned");
 }
 
 #[test]
 fn below_threshold_is_refused() {
-    let dev = Device::with_trust(1 << 20, &["INSECURE-demo.pub.pem", "INSECURE-demo-second.pub.pem"], 2);
+    let dev = Device::with_trust(
+        1 << 20,
+        &["INSECURE-demo.pub.pem", "INSECURE-demo-second.pub.pem"],
+        2,
+    );
     let one = dev.bundle("one", &BundleOpts::default());
     refused_unchanged(&dev, &one, 15, "1 valid, 2 required");
     let both = dev.bundle(
         "both",
-        &BundleOpts { keys: vec!["INSECURE-demo.key.pem", "INSECURE-demo-second.key.pem"], ..Default::default() },
+        &BundleOpts {
+            keys: vec!["INSECURE-demo.key.pem", "INSECURE-demo-second.key.pem"],
+            ..Default::default()
+        },
     );
     let o = dev.run(&["apply", "--no-reboot", both.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -58,14 +85,24 @@ fn flipped_bit_in_header_is_refused() {
     let b = dev.bundle("b", &BundleOpts::default());
     // magic, version, flags, manifest length (low and high byte), signatures length,
     // payload length, reserved.
-    for (i, byte) in [0usize, 8, 12, 16, 23, 24, 32, 39, 40, 63].into_iter().enumerate() {
+    for (i, byte) in [0usize, 8, 12, 16, 23, 24, 32, 39, 40, 63]
+        .into_iter()
+        .enumerate()
+    {
         let bad = corrupt(&dev, &b, &format!("h{i}"), |v| v[byte] ^= 0x01);
         let before = dev.snapshot();
         let o = dev.run(&["apply", "--no-reboot", bad.to_str().unwrap()]);
         let code = o.status.code().unwrap();
-        assert!((10..=16).contains(&code), "header byte {byte}: exit {code}: {}", stderr(&o));
+        assert!(
+            (10..=16).contains(&code),
+            "header byte {byte}: exit {code}: {}",
+            stderr(&o)
+        );
         assert_eq!(stderr(&o).trim_end().lines().count(), 1);
-        assert!(before == dev.snapshot(), "header byte {byte} flip changed the device");
+        assert!(
+            before == dev.snapshot(),
+            "header byte {byte} flip changed the device"
+        );
     }
 }
 
@@ -89,7 +126,9 @@ fn flipped_bit_in_signature_is_refused() {
     let at = 64 + m + sigs.windows(7).position(|w| w == b"\"sig\":\"").unwrap() + 7 + 10;
     // Hex digit '0'..'9' or 'a'..'f' with bit 0 flipped stays a hex digit for most values;
     // either way the signature no longer verifies.
-    let bad = corrupt(&dev, &b, "s", |v| v[at] = if v[at] == b'1' { b'2' } else { b'1' });
+    let bad = corrupt(&dev, &b, "s", |v| {
+        v[at] = if v[at] == b'1' { b'2' } else { b'1' }
+    });
     refused_unchanged(&dev, &bad, 14, "bad signature");
 }
 
@@ -100,10 +139,17 @@ fn flipped_bit_in_each_chunk_is_refused() {
     let (_, _, _, payload) = layout(&b);
     let m = {
         let mut f = std::fs::File::open(&b).unwrap();
-        edge_ota::bundle::reader::BundleHead::read(&mut f).unwrap().parse_unverified().unwrap()
+        edge_ota::bundle::reader::BundleHead::read(&mut f)
+            .unwrap()
+            .parse_unverified()
+            .unwrap()
     };
     let chunks = &m.payloads[0].chunks;
-    assert!(chunks.len() >= 8, "want several chunks, got {}", chunks.len());
+    assert!(
+        chunks.len() >= 8,
+        "want several chunks, got {}",
+        chunks.len()
+    );
     for (i, c) in chunks.iter().enumerate() {
         let at = payload + c.offset as usize + c.clen as usize / 2;
         let bad = corrupt(&dev, &b, "c", |v| v[at] ^= 0x10);
@@ -123,7 +169,15 @@ fn truncated_bundle_is_refused_at_several_points() {
     let b = dev.bundle("b", &BundleOpts::default());
     let len = std::fs::metadata(&b).unwrap().len() as usize;
     let (_, m, _, payload) = layout(&b);
-    for cut in [0, 10, 64 + m / 2, payload - 1, payload + 3, (payload + len) / 2, len - 1] {
+    for cut in [
+        0,
+        10,
+        64 + m / 2,
+        payload - 1,
+        payload + 3,
+        (payload + len) / 2,
+        len - 1,
+    ] {
         let bad = corrupt(&dev, &b, "t", |v| v.truncate(cut));
         refused_unchanged(&dev, &bad, 11, "truncated bundle");
     }
@@ -136,9 +190,16 @@ fn truncated_stream_on_stdin_leaves_slot_not_bootable() {
     let mut bytes = std::fs::read(&b).unwrap();
     bytes.truncate(bytes.len() - 1000);
     let o = dev.run_stdin(&["apply", "--no-reboot", "-"], &bytes);
-    assert_refused(&o, 11, "truncated bundle: ends inside payload \"rootfs\" chunk");
+    assert_refused(
+        &o,
+        11,
+        "truncated bundle: ends inside payload \"rootfs\" chunk",
+    );
     assert_eq!(dev.boot_state("B"), SlotBootState::Bad);
-    assert_eq!(dev.state_json().unwrap()["slots"]["B"]["status"], "installing");
+    assert_eq!(
+        dev.state_json().unwrap()["slots"]["B"]["status"],
+        "installing"
+    );
 }
 
 #[test]
@@ -148,7 +209,10 @@ fn trailing_garbage_is_refused() {
     let bad = corrupt(&dev, &b, "g", |v| v.extend_from_slice(b"garbage"));
     refused_unchanged(&dev, &bad, 10, "trailing data");
     // On a pipe the length is unknown up front: caught after the last chunk, before the flip.
-    let o = dev.run_stdin(&["apply", "--no-reboot", "-"], &std::fs::read(&bad).unwrap());
+    let o = dev.run_stdin(
+        &["apply", "--no-reboot", "-"],
+        &std::fs::read(&bad).unwrap(),
+    );
     assert_refused(&o, 10, "trailing data after the last chunk");
     assert_eq!(dev.boot_state("B"), SlotBootState::Bad);
 }
@@ -157,14 +221,23 @@ fn trailing_garbage_is_refused() {
 fn oversized_manifest_length_is_refused() {
     let dev = Device::new(1 << 20);
     let b = dev.bundle("b", &BundleOpts::default());
-    let bad = corrupt(&dev, &b, "o", |v| v[16..24].copy_from_slice(&(u64::MAX / 2).to_le_bytes()));
+    let bad = corrupt(&dev, &b, "o", |v| {
+        v[16..24].copy_from_slice(&(u64::MAX / 2).to_le_bytes())
+    });
     refused_unchanged(&dev, &bad, 12, "manifest length");
-    let bad = corrupt(&dev, &b, "o2", |v| v[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes()));
+    let bad = corrupt(&dev, &b, "o2", |v| {
+        v[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes())
+    });
     refused_unchanged(&dev, &bad, 12, "signatures length");
 }
 
 /// Re-sign a manifest edited by `edit` (as a malicious or buggy builder holding the key could).
-fn resigned(dev: &Device, src: &std::path::Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> std::path::PathBuf {
+fn resigned(
+    dev: &Device,
+    src: &std::path::Path,
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> std::path::PathBuf {
     let bytes = std::fs::read(src).unwrap();
     let (_, m, s, payload) = layout(src);
     let mut manifest: serde_json::Value = serde_json::from_slice(&bytes[64..64 + m]).unwrap();
@@ -189,7 +262,9 @@ fn resigned(dev: &Device, src: &std::path::Path, name: &str, edit: impl FnOnce(&
 fn oversized_chunk_length_in_signed_manifest_is_refused() {
     let dev = Device::new(1 << 20);
     let b = dev.bundle("b", &BundleOpts::default());
-    let bad = resigned(&dev, &b, "big", |m| m["payloads"][0]["chunks"][0]["l"] = (64u64 << 20).into());
+    let bad = resigned(&dev, &b, "big", |m| {
+        m["payloads"][0]["chunks"][0]["l"] = (64u64 << 20).into()
+    });
     refused_unchanged(&dev, &bad, 12, "chunk 0: length 67108864");
 }
 
@@ -198,7 +273,10 @@ fn payload_target_escaping_the_slot_is_refused() {
     let dev = Device::new(1 << 20);
     let b = dev.bundle(
         "b",
-        &BundleOpts { payloads: vec![(PayloadKind::File, "x", b"hello".to_vec())], ..Default::default() },
+        &BundleOpts {
+            payloads: vec![(PayloadKind::File, "x", b"hello".to_vec())],
+            ..Default::default()
+        },
     );
     let bad = resigned(&dev, &b, "esc", |m| {
         m["payloads"][0]["target"] = "../../etc/passwd".into();
@@ -209,8 +287,19 @@ fn payload_target_escaping_the_slot_is_refused() {
 #[test]
 fn wrong_compatible_is_refused() {
     let dev = Device::new(1 << 20);
-    let b = dev.bundle("b", &BundleOpts { compatible: "other-board".into(), ..Default::default() });
-    refused_unchanged(&dev, &b, 17, "wrong compatible: bundle is for \"other-board\"");
+    let b = dev.bundle(
+        "b",
+        &BundleOpts {
+            compatible: "other-board".into(),
+            ..Default::default()
+        },
+    );
+    refused_unchanged(
+        &dev,
+        &b,
+        17,
+        "wrong compatible: bundle is for \"other-board\"",
+    );
 }
 
 #[test]
@@ -222,14 +311,31 @@ fn downgrade_is_refused() {
         r#"{"version":1,"min_security_version":5,"slots":{}}"#,
     )
     .unwrap();
-    let b = dev.bundle("b", &BundleOpts { security_version: 4, ..Default::default() });
-    refused_unchanged(&dev, &b, 18, "security version 4 is below the installed minimum 5");
+    let b = dev.bundle(
+        "b",
+        &BundleOpts {
+            security_version: 4,
+            ..Default::default()
+        },
+    );
+    refused_unchanged(
+        &dev,
+        &b,
+        18,
+        "security version 4 is below the installed minimum 5",
+    );
 }
 
 #[test]
 fn expired_bundle_is_refused() {
     let dev = Device::new(1 << 20);
-    let b = dev.bundle("b", &BundleOpts { expires: Some(1_700_000_100), ..Default::default() });
+    let b = dev.bundle(
+        "b",
+        &BundleOpts {
+            expires: Some(1_700_000_100),
+            ..Default::default()
+        },
+    );
     refused_unchanged(&dev, &b, 19, "bundle expired at 1700000100");
 }
 
@@ -237,7 +343,12 @@ fn expired_bundle_is_refused() {
 fn payload_larger_than_slot_is_refused() {
     let dev = Device::new(200_000);
     let b = dev.bundle("b", &BundleOpts::default());
-    refused_unchanged(&dev, &b, 20, "payload \"rootfs\" (300000 bytes) is larger than slot B");
+    refused_unchanged(
+        &dev,
+        &b,
+        20,
+        "payload \"rootfs\" (300000 bytes) is larger than slot B",
+    );
 }
 
 #[test]
@@ -247,7 +358,11 @@ fn target_is_booted_slot_is_refused() {
     let before = dev.snapshot();
     let a_before = std::fs::read(dev.path("slotA")).unwrap();
     let o = dev.run(&["apply", "--no-reboot", "--slot", "A", b.to_str().unwrap()]);
-    assert_refused(&o, 21, "refusing to write slot \"A\": it is the booted slot");
+    assert_refused(
+        &o,
+        21,
+        "refusing to write slot \"A\": it is the booted slot",
+    );
     assert!(before == dev.snapshot());
     assert_eq!(a_before, std::fs::read(dev.path("slotA")).unwrap());
 }

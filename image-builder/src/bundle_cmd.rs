@@ -20,7 +20,7 @@ pub struct KeygenArgs {
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
     /// Create a signed bundle.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Show a bundle's header, manifest and signatures (not verified).
     Info {
         bundle: PathBuf,
@@ -95,7 +95,9 @@ pub fn keygen(a: KeygenArgs) -> Result<()> {
 fn parse_payload(spec: &str) -> Result<PayloadInput> {
     let mut parts = spec.splitn(3, ':');
     let (Some(kind), Some(target), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(Error::Usage(format!("--payload {spec:?}: expected KIND:TARGET:PATH")));
+        return Err(Error::Usage(format!(
+            "--payload {spec:?}: expected KIND:TARGET:PATH"
+        )));
     };
     let kind = match kind {
         "image" => PayloadKind::Image,
@@ -126,7 +128,9 @@ pub fn create(a: CreateArgs) -> Result<()> {
         payloads.push(parse_payload(p)?);
     }
     if payloads.is_empty() {
-        return Err(Error::Usage("no payloads: give --image or --payload".into()));
+        return Err(Error::Usage(
+            "no payloads: give --image or --payload".into(),
+        ));
     }
     let created = match a.created {
         Some(c) => c,
@@ -195,9 +199,10 @@ fn newest_mtime(payloads: &[PayloadInput]) -> Result<u64> {
 
 pub fn run(c: BundleCommand) -> Result<()> {
     match c {
-        BundleCommand::Create(a) => create(a),
+        BundleCommand::Create(a) => create(*a),
         BundleCommand::Info { bundle, json } => {
-            let mut f = std::fs::File::open(&bundle).ctx(|| format!("opening {}", bundle.display()))?;
+            let mut f =
+                std::fs::File::open(&bundle).ctx(|| format!("opening {}", bundle.display()))?;
             let head = BundleHead::read(&mut f)?;
             let m = head.parse_unverified()?;
             if json {
@@ -211,7 +216,10 @@ pub fn run(c: BundleCommand) -> Result<()> {
                     "signatures": head.signatures.signatures.iter().map(|s| &s.key_id).collect::<Vec<_>>(),
                     "manifest": m,
                 });
-                println!("{}", serde_json::to_string_pretty(&v).expect("serializable"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("serializable")
+                );
             } else {
                 println!(
                     "{}: {} {} security {} created {} expires {}",

@@ -274,7 +274,10 @@ impl Manifest {
             check_name("payload name", &p.name)?;
             check_name("payload target", &p.target)?;
             if !names.insert(p.name.as_str()) {
-                return Err(Error::Format(format!("duplicate payload name {:?}", p.name)));
+                return Err(Error::Format(format!(
+                    "duplicate payload name {:?}",
+                    p.name
+                )));
             }
             if p.kind != PayloadKind::Image {
                 check_relative_path(&p.target)?;

@@ -72,10 +72,14 @@ pub fn create(spec: &BundleSpec, keys: &[SigningKey], out: &Path) -> Result<Mani
             limits::MAX_CHUNK
         )));
     }
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     // Chunk data goes to a temporary file first: the manifest (which precedes it) is only
     // known once every chunk is compressed.
-    let mut data = tempfile::tempfile_in(dir).ctx(|| format!("creating temp file in {}", dir.display()))?;
+    let mut data =
+        tempfile::tempfile_in(dir).ctx(|| format!("creating temp file in {}", dir.display()))?;
     let mut data_w = BufWriter::with_capacity(1 << 20, &mut data);
     let mut offset = 0u64;
     let mut payloads = Vec::new();
@@ -110,20 +114,25 @@ pub fn create(spec: &BundleSpec, keys: &[SigningKey], out: &Path) -> Result<Mani
     };
     manifest.validate(&header)?;
 
-    let tmp_out = tempfile::NamedTempFile::new_in(dir).ctx(|| format!("creating temp file in {}", dir.display()))?;
+    let tmp_out = tempfile::NamedTempFile::new_in(dir)
+        .ctx(|| format!("creating temp file in {}", dir.display()))?;
     {
         let mut w = BufWriter::with_capacity(1 << 20, tmp_out.as_file());
         w.write_all(&header.encode())
             .and_then(|_| w.write_all(&manifest_bytes))
             .and_then(|_| w.write_all(&sig_bytes))
             .ctx(|| format!("writing {}", out.display()))?;
-        data.seek(SeekFrom::Start(0)).ctx(|| "rewinding chunk data".into())?;
+        data.seek(SeekFrom::Start(0))
+            .ctx(|| "rewinding chunk data".into())?;
         std::io::copy(&mut data, &mut w).ctx(|| format!("writing {}", out.display()))?;
         w.flush().ctx(|| format!("writing {}", out.display()))?;
     }
+    // Bundles are public artifacts (the signature protects them), unlike the 0600 temp file.
+    use std::os::unix::fs::PermissionsExt;
     tmp_out
         .as_file()
-        .sync_all()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .and_then(|_| tmp_out.as_file().sync_all())
         .ctx(|| format!("syncing {}", out.display()))?;
     tmp_out
         .persist(out)
@@ -169,7 +178,8 @@ fn chunk_payload(
         }
         if batch.len() == BATCH || (done && !batch.is_empty()) {
             for (data, (compressed, hash)) in batch.iter().zip(compress_batch(&batch, spec)?) {
-                w.write_all(&compressed).ctx(|| "writing chunk data".into())?;
+                w.write_all(&compressed)
+                    .ctx(|| "writing chunk data".into())?;
                 chunks.push(Chunk {
                     offset,
                     clen: compressed.len() as u32,
@@ -210,7 +220,9 @@ fn compress_batch(batch: &[Vec<u8>], spec: &BundleSpec) -> Result<Vec<(Vec<u8>, 
                         .map_err(|e| Error::io("creating zstd compressor", e))?;
                     part.iter()
                         .map(|d| {
-                            let z = c.compress(d).map_err(|e| Error::io("compressing chunk", e))?;
+                            let z = c
+                                .compress(d)
+                                .map_err(|e| Error::io("compressing chunk", e))?;
                             Ok((z, Digest::of(d)))
                         })
                         .collect()

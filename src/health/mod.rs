@@ -65,7 +65,9 @@ pub enum Verdict {
 /// Run the health check for the booted slot.
 pub fn run(cfg: &crate::config::Config, bl: &mut dyn Bootloader) -> Result<Verdict> {
     let booted = crate::slot::booted_slot(&cfg.cmdline)?.ok_or_else(|| {
-        Error::Slot("cannot tell the booted slot: edgeota.slot= is not on the kernel command line".into())
+        Error::Slot(
+            "cannot tell the booted slot: edgeota.slot= is not on the kernel command line".into(),
+        )
     })?;
     cfg.slot(&booted)?;
     let store = StateStore::new(&cfg.state_dir);
@@ -117,7 +119,10 @@ pub fn run(cfg: &crate::config::Config, bl: &mut dyn Bootloader) -> Result<Verdi
                 detail: Some(reason.clone()),
             });
             store.save(&state)?;
-            Ok(Verdict::Failed { slot: booted, reason })
+            Ok(Verdict::Failed {
+                slot: booted,
+                reason,
+            })
         }
     }
 }
@@ -131,7 +136,9 @@ fn detect_fallback(
     booted: &str,
 ) -> Result<()> {
     let order = bl.order()?;
-    let Some(first) = order.first() else { return Ok(()) };
+    let Some(first) = order.first() else {
+        return Ok(());
+    };
     if first == booted || bl.slot_state(first)? == SlotBootState::Bad {
         return Ok(());
     }

@@ -156,8 +156,18 @@ mod tests {
 
     #[test]
     fn command_exit_status_decides() {
-        let ok = probe(Check::Command { command: vec!["true".into()] }, 5);
-        let bad = probe(Check::Command { command: vec!["false".into()] }, 5);
+        let ok = probe(
+            Check::Command {
+                command: vec!["true".into()],
+            },
+            5,
+        );
+        let bad = probe(
+            Check::Command {
+                command: vec!["false".into()],
+            },
+            5,
+        );
         assert!(ok.run().is_ok());
         assert!(bad.run().unwrap_err().contains("exited"));
     }
@@ -192,7 +202,14 @@ mod tests {
                 }
             }
         });
-        assert!(probe(Check::Tcp { address: addr.to_string() }, 2).run().is_ok());
+        assert!(probe(
+            Check::Tcp {
+                address: addr.to_string()
+            },
+            2
+        )
+        .run()
+        .is_ok());
         let http = probe(
             Check::Http {
                 url: format!("http://{addr}/healthz"),
@@ -212,15 +229,25 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let err = probe(Check::Tcp { address: format!("127.0.0.1:{port}") }, 1)
-            .run()
-            .unwrap_err();
+        let err = probe(
+            Check::Tcp {
+                address: format!("127.0.0.1:{port}"),
+            },
+            1,
+        )
+        .run()
+        .unwrap_err();
         assert!(err.contains("connecting"), "{err}");
     }
 
     #[test]
     fn missing_file_fails() {
-        let p = probe(Check::File { path: "/nonexistent/edge-ota".into() }, 1);
+        let p = probe(
+            Check::File {
+                path: "/nonexistent/edge-ota".into(),
+            },
+            1,
+        );
         assert!(p.run().unwrap_err().contains("does not exist"));
     }
 }

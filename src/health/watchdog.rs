@@ -67,10 +67,17 @@ mod tests {
 
     #[test]
     fn watchdog_device_missing_is_a_clear_error() {
-        let e = Petter::start(Path::new("/nonexistent/watchdog"), Duration::from_millis(10))
-            .err()
-            .unwrap();
-        assert!(e.to_string().contains("opening watchdog /nonexistent/watchdog"), "{e}");
+        let e = Petter::start(
+            Path::new("/nonexistent/watchdog"),
+            Duration::from_millis(10),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.to_string()
+                .contains("opening watchdog /nonexistent/watchdog"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -54,8 +54,14 @@ fn open_maybe_direct(path: &Path, write: bool, offset: u64) -> Result<(File, boo
             return Ok((f, true));
         }
     }
-    let what = if write { "opening for writing" } else { "opening" };
-    let f = opts.open(path).ctx(|| format!("{what} {}", path.display()))?;
+    let what = if write {
+        "opening for writing"
+    } else {
+        "opening"
+    };
+    let f = opts
+        .open(path)
+        .ctx(|| format!("{what} {}", path.display()))?;
     Ok((f, false))
 }
 
@@ -87,7 +93,9 @@ impl SlotWriter {
         let (job_tx, job_rx) = bounded::<WriteJob>(WRITE_BUFFERS);
         let (free_tx, free_rx) = bounded::<AlignedBuf>(WRITE_BUFFERS);
         for _ in 1..WRITE_BUFFERS {
-            free_tx.send(AlignedBuf::new(IO_BLOCK)).expect("fresh channel");
+            free_tx
+                .send(AlignedBuf::new(IO_BLOCK))
+                .expect("fresh channel");
         }
         let p = path.to_path_buf();
         let thread = std::thread::Builder::new()
@@ -185,7 +193,12 @@ impl SlotWriter {
         self.jobs = None;
         let file = match self.thread.take().expect("writer thread").join() {
             Ok(r) => r?,
-            Err(_) => return Err(Error::io("writing", std::io::Error::other("writer thread panicked"))),
+            Err(_) => {
+                return Err(Error::io(
+                    "writing",
+                    std::io::Error::other("writer thread panicked"),
+                ))
+            }
         };
         let ctx = || format!("syncing {}", self.path.display());
         if !tail.is_empty() {
@@ -219,17 +232,25 @@ pub fn hash_region(path: &Path, offset: u64, len: u64) -> Result<blake3::Hash> {
     let (full_tx, full_rx) = bounded::<(AlignedBuf, usize)>(2);
     let (free_tx, free_rx) = bounded::<AlignedBuf>(3);
     for _ in 0..3 {
-        free_tx.send(AlignedBuf::new(IO_BLOCK)).expect("fresh channel");
+        free_tx
+            .send(AlignedBuf::new(IO_BLOCK))
+            .expect("fresh channel");
     }
     let p = path.to_path_buf();
     std::thread::scope(|s| {
         let reader = s.spawn(move || -> Result<()> {
             let mut pos = 0u64;
             while pos < len {
-                let Ok(mut buf) = free_rx.recv() else { return Ok(()) };
+                let Ok(mut buf) = free_rx.recv() else {
+                    return Ok(());
+                };
                 let want = (len - pos).min(IO_BLOCK as u64) as usize;
                 // Direct reads must be whole aligned blocks; the hasher uses only `want`.
-                let req = if direct { want.div_ceil(ALIGN) * ALIGN } else { want };
+                let req = if direct {
+                    want.div_ceil(ALIGN) * ALIGN
+                } else {
+                    want
+                };
                 let mut got = 0;
                 while got < want {
                     let n = file

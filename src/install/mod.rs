@@ -37,7 +37,7 @@ pub struct ApplyOptions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ApplyReport {
     pub slot: String,
-    pub version: String,
+    pub bundle_version: String,
     pub security_version: u64,
     pub bundle_id: String,
     pub bytes_written: u64,
@@ -154,7 +154,10 @@ pub fn apply(
 
     // 2. Stream, verify each chunk, write; then read back.
     let total: u64 = m.payloads.iter().map(|p| p.size).sum();
-    progress.start(total, &format!("installing {} into slot {}", m.version, dev.name));
+    progress.start(
+        total,
+        &format!("installing {} into slot {}", m.version, dev.name),
+    );
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut done_before = 0u64;
     let mut written = 0u64;
@@ -201,7 +204,7 @@ pub fn apply(
     crate::failpoint::hit("after-flip");
     Ok(ApplyReport {
         slot: dev.name.clone(),
-        version: m.version.to_string(),
+        bundle_version: m.version.to_string(),
         security_version: m.security_version,
         bundle_id: verified.id.to_hex(),
         bytes_written: written,
@@ -291,7 +294,11 @@ pub struct VerifyReport {
 
 /// Check everything `apply` would check, chunk by chunk and whole payload by whole payload,
 /// without writing anything.
-pub fn verify_all(cfg: &Config, src: &mut Source, min_security_version: u64) -> Result<VerifyReport> {
+pub fn verify_all(
+    cfg: &Config,
+    src: &mut Source,
+    min_security_version: u64,
+) -> Result<VerifyReport> {
     let (_head, verified) = verify_head(cfg, src, min_security_version)?;
     let m = &verified.manifest;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());

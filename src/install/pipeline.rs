@@ -27,16 +27,25 @@ where
 {
     let n = payload.chunks.len();
     let workers = workers.max(1);
-    // Bounded queues keep memory flat whatever the payload size: at most a few chunks per
-    // stage are in flight.
-    let depth = workers * 4;
-    let (job_tx, job_rx) = bounded::<(usize, Vec<u8>)>(depth);
-    let (done_tx, done_rx) = bounded::<Result<(usize, Vec<u8>)>>(depth);
-    // Buffers come back for reuse: no allocation (and no page faults) per chunk.
-    let (free_in_tx, free_in_rx) = unbounded::<Vec<u8>>();
-    let (free_out_tx, free_out_rx) = unbounded::<Vec<u8>>();
+    // Fixed pools of buffers, allocated here once: memory stays flat whatever the payload
+    // size, and worker threads never allocate (glibc would give each its own arena).
+    // A worker takes an output buffer *before* it takes a job, so the chunk the consumer
+    // waits for always has a buffer and the pools cannot deadlock.
+    let pool = 2 * workers + 2;
     let max_clen = payload.chunks.iter().map(|c| c.clen).max().unwrap_or(0) as usize;
     let max_len = payload.chunks.iter().map(|c| c.len).max().unwrap_or(0) as usize;
+    let (free_in_tx, free_in_rx) = bounded::<Vec<u8>>(pool);
+    let (free_out_tx, free_out_rx) = bounded::<Vec<u8>>(pool);
+    for _ in 0..pool {
+        free_in_tx
+            .send(Vec::with_capacity(max_clen))
+            .expect("fresh pool");
+        free_out_tx
+            .send(Vec::with_capacity(max_len))
+            .expect("fresh pool");
+    }
+    let (job_tx, job_rx) = unbounded::<(usize, Vec<u8>)>();
+    let (done_tx, done_rx) = unbounded::<Result<(usize, Vec<u8>)>>();
 
     std::thread::scope(|s| {
         {
@@ -44,9 +53,9 @@ where
             let free_in_rx = free_in_rx.clone();
             s.spawn(move || {
                 for (i, c) in payload.chunks.iter().enumerate() {
-                    let mut buf = free_in_rx
-                        .try_recv()
-                        .unwrap_or_else(|_| Vec::with_capacity(max_clen));
+                    let Ok(mut buf) = free_in_rx.recv() else {
+                        return;
+                    };
                     buf.resize(c.clen as usize, 0);
                     if let Err(e) = read_exact_or_truncated(src, &mut buf, || {
                         format!("payload {:?} chunk {i}", payload.name)
@@ -73,10 +82,13 @@ where
                         return;
                     }
                 };
-                for (i, compressed) in job_rx {
-                    let mut out = free_out_rx
-                        .try_recv()
-                        .unwrap_or_else(|_| Vec::with_capacity(max_len));
+                loop {
+                    let Ok(mut out) = free_out_rx.recv() else {
+                        return;
+                    };
+                    let Ok((i, compressed)) = job_rx.recv() else {
+                        return;
+                    };
                     let r = decode_chunk(&mut dec, &payload.chunks[i], &compressed, &mut out)
                         .map(|()| (i, out))
                         .map_err(|what| Error::Tampered {
@@ -91,11 +103,12 @@ where
             });
         }
         // Only the threads hold these now, so each stage sees its input close when the stage
-        // before it stops, and everyone stops when we return (done_rx dropped).
+        // before it stops, and everyone stops when we return (done_rx and the pools dropped).
         drop((job_rx, done_tx, free_in_tx, free_in_rx, free_out_rx));
-        // Moved in here so it is dropped when this closure returns, before the scope joins:
-        // on an error the workers then see a closed channel instead of blocking forever.
+        // Moved in here so they are dropped when this closure returns, before the scope
+        // joins: on an error the other threads then see closed channels instead of blocking.
         let done_rx = done_rx;
+        let free_out_tx = free_out_tx;
 
         let mut pending: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
         let mut next = 0usize;

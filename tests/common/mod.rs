@@ -13,7 +13,9 @@ use edge_ota::bundle::writer::{self, BundleSpec, Chunking, PayloadInput};
 use edge_ota::bundle::PayloadKind;
 
 pub fn demo_key(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("keys-example").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("keys-example")
+        .join(name)
 }
 
 pub fn signing_key(name: &str) -> ed25519_dalek::SigningKey {
@@ -23,7 +25,9 @@ pub fn signing_key(name: &str) -> ed25519_dalek::SigningKey {
 /// Deterministic test data: pseudo-random, text and zeros, like a filesystem image.
 pub fn image_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(len);
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     while v.len() < len / 2 {
         x ^= x << 13;
         x ^= x >> 7;
@@ -79,7 +83,11 @@ impl Device {
         for s in ["slotA", "slotB"] {
             std::fs::write(p.join(s), vec![0xAAu8; slot_size]).unwrap();
         }
-        std::fs::write(p.join("cmdline"), "BOOT_IMAGE=/boot/vmlinuz ro edgeota.slot=A\n").unwrap();
+        std::fs::write(
+            p.join("cmdline"),
+            "BOOT_IMAGE=/boot/vmlinuz ro edgeota.slot=A\n",
+        )
+        .unwrap();
         let keys: Vec<String> = keys
             .iter()
             .map(|k| format!("{:?}", demo_key(k).display().to_string()))
@@ -119,8 +127,11 @@ path = "{d}/healthy"
         )
         .unwrap();
         let env = FileEnv::new(p.join("bootenv"));
-        env.store(&EnvBootloader::<FileEnv>::initial_vars(&["A".into(), "B".into()], "A"))
-            .unwrap();
+        env.store(&EnvBootloader::<FileEnv>::initial_vars(
+            &["A".into(), "B".into()],
+            "A",
+        ))
+        .unwrap();
         Device { dir, config }
     }
 
@@ -231,13 +242,19 @@ pub fn assert_refused(o: &Output, code: i32, msg: &str) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(code), "stderr: {err}");
     assert!(err.contains(msg), "expected {msg:?} in: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
 }
 
 /// Byte ranges of a bundle's parts: (header, manifest, signatures, payload start).
 pub fn layout(bundle: &Path) -> (usize, usize, usize, usize) {
     let mut f = std::fs::File::open(bundle).unwrap();
-    let h = edge_ota::bundle::reader::BundleHead::read(&mut f).unwrap().header;
+    let h = edge_ota::bundle::reader::BundleHead::read(&mut f)
+        .unwrap()
+        .header;
     let m = h.manifest_len as usize;
     let s = h.signatures_len as usize;
     (64, m, s, 64 + m + s)

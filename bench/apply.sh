@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Benchmark: `edge-ota apply` against raw `dd` of the same image to the same loop device,
+# measured in the same run. Needs root (loop devices). Prints figures and, last, one line:
+#   apply/dd time ratio: R; peak RSS: N MiB (256 MiB image: M MiB)
+# Usage: bench/apply.sh [runs]   (BENCH_DIR, default /var/tmp/edge-ota-bench)
+set -euo pipefail
+runs=${1:-3}
+top=$(cd "$(dirname "$0")/.." && pwd)
+work=${BENCH_DIR:-/var/tmp/edge-ota-bench}
+[ "$(id -u)" = 0 ] || { echo "bench/apply.sh: needs root for loop devices" >&2; exit 1; }
+command -v /usr/bin/time >/dev/null || { echo "bench/apply.sh: needs /usr/bin/time (apt-get install time)" >&2; exit 1; }
+mkdir -p "$work"
+cargo build --release --quiet --manifest-path "$top/Cargo.toml" --workspace
+ota=$top/target/release/edge-ota
+img_tool=$top/target/release/edge-ota-image
+key=$top/keys-example/INSECURE-demo.key.pem
+
+# An image like a root filesystem: half random, a quarter text, a quarter zeros.
+make_image() { # size_mib out
+  local q=$(($1 / 4))
+  [ -f "$2" ] && [ "$(stat -c %s "$2")" = $(($1 << 20)) ] && return
+  {
+    head -c $((2 * q))M /dev/urandom
+    seq -f "%.0f: net.ipv4.conf.all.rp_filter = 1 # kubelet config line" 1 99999999 | head -c ${q}M || true
+    head -c ${q}M /dev/zero
+  } > "$2.tmp"
+  mv "$2.tmp" "$2"
+}
+
+make_image 1024 "$work/image-1g.img"
+make_image 256 "$work/image-256m.img"
+for s in 1g 256m; do
+  "$img_tool" bundle create --out "$work/bundle-$s.eota" --compatible bench --version 1.0.0 \
+    --security-version 1 --key "$key" --image "$work/image-$s.img" --created 0 >/dev/null
+done
+
+truncate -s 1100M "$work/target.img"
+loop=$(losetup -f --show "$work/target.img")
+trap 'losetup -d "$loop"' EXIT
+truncate -s 1100M "$work/slotA.img"
+echo "ro edgeota.slot=A" > "$work/cmdline"
+cat > "$work/config.toml" <<CFG
+compatible = "bench"
+state_dir = "$work/state"
+cmdline = "$work/cmdline"
+[trust]
+keys = ["$top/keys-example/INSECURE-demo.pub.pem"]
+[[slot]]
+name = "A"
+device = "$work/slotA.img"
+[[slot]]
+name = "B"
+device = "$loop"
+[bootloader]
+backend = "file"
+path = "$work/bootenv"
+CFG
+rm -rf "$work/state"
+"$ota" --config "$work/config.toml" init-boot-env --good A >/dev/null
+
+now() { date +%s.%N; }
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+dd_times=() apply_times=()
+for i in $(seq "$runs"); do
+  drop_caches; t0=$(now)
+  dd if="$work/image-1g.img" of="$loop" bs=4M oflag=direct conv=fsync status=none
+  t1=$(now); dd_times+=("$(echo "$t1 - $t0" | bc)")
+  drop_caches; t0=$(now)
+  "$ota" --config "$work/config.toml" apply --no-reboot -q "$work/bundle-1g.eota" >/dev/null
+  t1=$(now); apply_times+=("$(echo "$t1 - $t0" | bc)")
+  echo "run $i: dd ${dd_times[-1]} s, apply ${apply_times[-1]} s"
+done
+dd_med=$(printf '%s\n' "${dd_times[@]}" | median)
+apply_med=$(printf '%s\n' "${apply_times[@]}" | median)
+
+rss() { # bundle -> peak RSS in MiB
+  drop_caches
+  /usr/bin/time -v "$ota" --config "$work/config.toml" apply --no-reboot -q "$1" 2>&1 >/dev/null \
+    | awk '/Maximum resident set size/ {printf "%.1f", $6 / 1024}'
+}
+rss_1g=$(rss "$work/bundle-1g.eota")
+rss_256=$(rss "$work/bundle-256m.eota")
+bundle_mib=$(( $(stat -c %s "$work/bundle-1g.eota") >> 20 ))
+echo "image 1024 MiB, bundle ${bundle_mib} MiB; median of $runs: dd ${dd_med} s, apply ${apply_med} s (apply includes read-back verification)"
+ratio=$(echo "scale=2; $apply_med / $dd_med" | bc)
+echo "apply/dd time ratio: $ratio; peak RSS: $rss_1g MiB (256 MiB image: $rss_256 MiB)"

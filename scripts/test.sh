@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it lacks (as root), then runs every test, including
+# the loop-device tests (root) and the QEMU end-to-end tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" = 0 ]; then
+  bash scripts/install-deps.sh
+else
+  echo "test.sh: not root: skipping package installs; root-only tests will say they skip" >&2
+fi
+cargo test --workspace

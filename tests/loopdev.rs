@@ -1,0 +1,156 @@
+//! Slots found by GPT partition name, on a disk image file (partition offsets) and on a real
+//! loop device with kernel partition nodes (`losetup` + `partx -a`; needs root, which CI has).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use edge_ota::bootloader::SlotBootState;
+
+const MIB: u64 = 1 << 20;
+
+/// A GPT disk image with the named partitions, written with the gpt crate.
+fn make_gpt_disk(path: &Path, parts: &[(&str, u64)]) {
+    let total: u64 = parts.iter().map(|p| p.1).sum::<u64>() + 2 * MIB;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(total).unwrap();
+    drop(f);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(
+        u32::try_from(total / 512 - 1).unwrap_or(0xFFFF_FFFF),
+    );
+    mbr.overwrite_lba0(&mut f).unwrap();
+    let mut disk = gpt::GptConfig::new().writable(true).create(path).unwrap();
+    for (name, size) in parts {
+        disk.add_partition(name, *size, gpt::partition_types::LINUX_FS, 0, Some(2048))
+            .unwrap();
+    }
+    disk.write().unwrap();
+}
+
+/// Point the fixture's slots at partitions of `disk` instead of slot files.
+fn use_partlabels(dev: &Device, disk: &Path) {
+    let cfg = std::fs::read_to_string(&dev.config).unwrap();
+    let d = dev.dir.path().display().to_string();
+    let cfg = cfg
+        .replace(
+            &format!("device = \"{d}/slotA\""),
+            "partlabel = \"rootfs-A\"",
+        )
+        .replace(
+            &format!("device = \"{d}/slotB\""),
+            "partlabel = \"rootfs-B\"",
+        )
+        .replace(
+            "[trust]",
+            &format!("disk = \"{}\"\n[trust]", disk.display()),
+        );
+    std::fs::write(&dev.config, cfg).unwrap();
+}
+
+#[test]
+fn slots_by_partlabel_on_a_disk_image_file() {
+    let dev = Device::new(16);
+    let disk = dev.path("disk.img");
+    make_gpt_disk(
+        &disk,
+        &[("rootfs-A", 2 * MIB), ("rootfs-B", 2 * MIB), ("data", MIB)],
+    );
+    use_partlabels(&dev, &disk);
+    let before = std::fs::read(&disk).unwrap();
+    let b = dev.bundle("b", &BundleOpts::default());
+    let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (_, off_b, _) = edge_ota::slot::find_partition(&disk, "rootfs-B").unwrap();
+    let after = std::fs::read(&disk).unwrap();
+    let image = image_bytes(300_000, 1);
+    let off_b = off_b as usize;
+    assert_eq!(&after[off_b..off_b + image.len()], &image[..]);
+    // Everything outside B's payload, including the running slot A and the GPT, unchanged.
+    assert_eq!(&after[..off_b], &before[..off_b]);
+    assert_eq!(
+        &after[off_b + image.len()..],
+        &before[off_b + image.len()..]
+    );
+    assert_eq!(dev.boot_state("B"), SlotBootState::Trying { tries_left: 3 });
+}
+
+/// A loop device with partition nodes, detached on drop.
+struct Loop {
+    dev: PathBuf,
+}
+
+impl Loop {
+    fn attach(image: &Path) -> Option<Loop> {
+        let out = Command::new("losetup")
+            .args(["-f", "--show", "-P"])
+            .arg(image)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!("losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        // Some kernels do not scan partitions on loop devices; partx adds the nodes.
+        let _ = Command::new("partx").arg("-a").arg(&dev).output();
+        Some(Loop { dev })
+    }
+    fn part(&self, n: u32) -> PathBuf {
+        PathBuf::from(format!("{}p{n}", self.dev.display()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("partx").arg("-d").arg(&self.dev).output();
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).output();
+    }
+}
+
+#[test]
+fn slots_by_partlabel_on_a_loop_device() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!(
+            "SKIP slots_by_partlabel_on_a_loop_device: needs root for losetup (CI runs as root)"
+        );
+        return;
+    }
+    let dev = Device::new(16);
+    let disk = dev.path("disk.img");
+    make_gpt_disk(&disk, &[("rootfs-A", 2 * MIB), ("rootfs-B", 2 * MIB)]);
+    let lo = Loop::attach(&disk).expect("attaching a loop device as root");
+    for _ in 0..50 {
+        if lo.part(2).exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        lo.part(2).exists(),
+        "no partition node {} after partx -a",
+        lo.part(2).display()
+    );
+    use_partlabels(&dev, &lo.dev);
+    let a_before = std::fs::read(lo.part(1)).unwrap();
+    let b = dev.bundle("b", &BundleOpts::default());
+    let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let image = image_bytes(300_000, 1);
+    let part_b = std::fs::read(lo.part(2)).unwrap();
+    assert_eq!(&part_b[..image.len()], &image[..]);
+    assert_eq!(
+        a_before,
+        std::fs::read(lo.part(1)).unwrap(),
+        "running slot touched"
+    );
+    // The booted slot's device is refused outright.
+    let o = dev.run(&["apply", "--no-reboot", "--slot", "A", b.to_str().unwrap()]);
+    assert_refused(&o, 21, "it is the booted slot");
+}
