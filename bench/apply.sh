@@ -84,5 +84,5 @@ rss_1g=$(rss "$work/bundle-1g.eota")
 rss_256=$(rss "$work/bundle-256m.eota")
 bundle_mib=$(( $(stat -c %s "$work/bundle-1g.eota") >> 20 ))
 echo "image 1024 MiB, bundle ${bundle_mib} MiB; median of $runs: dd ${dd_med} s, apply ${apply_med} s (apply includes read-back verification)"
-ratio=$(echo "scale=2; $apply_med / $dd_med" | bc)
+ratio=$(printf "%.2f" "$(echo "scale=4; $apply_med / $dd_med" | bc)")
 echo "apply/dd time ratio: $ratio; peak RSS: $rss_1g MiB (256 MiB image: $rss_256 MiB)"
