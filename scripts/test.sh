@@ -9,3 +9,5 @@ else
   echo "test.sh: not root: skipping package installs; root-only tests will say they skip" >&2
 fi
 cargo test --workspace
+# Crash tests: the updater killed at each step that commits state.
+cargo test --features failpoints --test crash_points

@@ -14,12 +14,24 @@ fn pause(name: &str) -> ! {
     }
 }
 
-/// Stop here if `EDGE_OTA_FAILPOINT` names this step.
+/// Stop here if `EDGE_OTA_FAILPOINT` names this step (`name`, or `name@N` for the N-th time
+/// the step is reached, e.g. `boot-env-write@2` is the flip after apply's mark-bad).
 #[inline]
 pub fn hit(_name: &str) {
     #[cfg(feature = "failpoints")]
-    if std::env::var("EDGE_OTA_FAILPOINT").as_deref() == Ok(_name) {
-        pause(_name);
+    {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static HITS: AtomicU32 = AtomicU32::new(0);
+        let Ok(spec) = std::env::var("EDGE_OTA_FAILPOINT") else {
+            return;
+        };
+        let (name, nth) = match spec.split_once('@') {
+            Some((n, k)) => (n, k.parse().unwrap_or(1)),
+            None => (spec.as_str(), 1),
+        };
+        if name == _name && HITS.fetch_add(1, Ordering::Relaxed) + 1 == nth {
+            pause(_name);
+        }
     }
 }
 

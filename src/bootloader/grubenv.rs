@@ -260,6 +260,8 @@ impl EnvStore for GrubEnvFile {
                 ),
             ));
         }
+        // Crash tests cut the power here: written, not yet synced.
+        crate::failpoint::hit("boot-env-write");
         file.sync_all().map_err(|e| BootError::io(&self.path, e))
     }
 
