@@ -23,6 +23,9 @@ pub struct Config {
     /// Kernel command line to read the booted slot from (`edgeota.slot=NAME`).
     #[serde(default = "default_cmdline")]
     pub cmdline: PathBuf,
+    /// Mount table: a target slot mounted anywhere is refused.
+    #[serde(default = "default_mountinfo")]
+    pub mountinfo: PathBuf,
     /// Boot attempts a new slot gets before the bootloader falls back.
     #[serde(default = "default_tries")]
     pub tries: u32,
@@ -88,6 +91,9 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_cmdline() -> PathBuf {
     "/proc/cmdline".into()
+}
+fn default_mountinfo() -> PathBuf {
+    "/proc/self/mountinfo".into()
 }
 fn default_tries() -> u32 {
     3

@@ -119,6 +119,42 @@ pub fn resolve(cfg: &Config, slot: &SlotConfig) -> Result<SlotDevice> {
     })
 }
 
+/// Refuse a block device that is mounted anywhere (the running root above all): the kernel
+/// command line could be wrong, the mount table cannot. `mountinfo` is normally
+/// `/proc/self/mountinfo`.
+pub fn ensure_not_mounted(path: &Path, mountinfo: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(path).ctx(|| format!("opening {}", path.display()))?;
+    if !meta.file_type().is_block_device() {
+        return Ok(());
+    }
+    let rdev = meta.rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let table = match std::fs::read_to_string(mountinfo) {
+        Ok(t) => t,
+        // No mount table (not Linux, or no /proc): nothing more to check.
+        Err(_) => return Ok(()),
+    };
+    if let Some(point) = mounted_at(&table, major, minor) {
+        return Err(Error::Slot(format!(
+            "refusing to write {}: it is mounted at {point}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Where device `major:minor` is mounted, from a mountinfo table.
+fn mounted_at(table: &str, major: u64, minor: u64) -> Option<String> {
+    let want = format!("{major}:{minor}");
+    table.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let dev = f.nth(2)?;
+        let point = f.nth(1)?;
+        (dev == want).then(|| point.to_string())
+    })
+}
+
 /// Size of a block device or regular file.
 pub fn device_size(path: &Path) -> Result<u64> {
     let mut f = File::open(path).ctx(|| format!("opening {}", path.display()))?;
@@ -172,6 +208,15 @@ fn partition_node_candidates(disk: &Path, number: u32) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounted_device_is_found_in_mountinfo() {
+        let t = "22 1 254:3 / / ro,relatime shared:1 - ext4 /dev/vda3 ro\n\
+                 23 22 254:5 / /var rw shared:2 - ext4 /dev/vda5 rw\n";
+        assert_eq!(mounted_at(t, 254, 3).as_deref(), Some("/"));
+        assert_eq!(mounted_at(t, 254, 5).as_deref(), Some("/var"));
+        assert_eq!(mounted_at(t, 254, 4), None);
+    }
 
     #[test]
     fn cmdline_slot_is_found() {

@@ -138,7 +138,7 @@ fn slots_by_partlabel_on_a_loop_device() {
         lo.part(2).display()
     );
     use_partlabels(&dev, &lo.dev);
-    let a_before = std::fs::read(lo.part(1)).unwrap();
+    let a_before = blake3::hash(&std::fs::read(lo.part(1)).unwrap());
     let b = dev.bundle("b", &BundleOpts::default());
     let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -147,10 +147,52 @@ fn slots_by_partlabel_on_a_loop_device() {
     assert_eq!(&part_b[..image.len()], &image[..]);
     assert_eq!(
         a_before,
-        std::fs::read(lo.part(1)).unwrap(),
+        blake3::hash(&std::fs::read(lo.part(1)).unwrap()),
         "running slot touched"
     );
     // The booted slot's device is refused outright.
     let o = dev.run(&["apply", "--no-reboot", "--slot", "A", b.to_str().unwrap()]);
     assert_refused(&o, 21, "it is the booted slot");
+}
+
+#[test]
+fn mounted_target_is_refused_even_if_the_cmdline_says_otherwise() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP mounted_target_is_refused_even_if_the_cmdline_says_otherwise: needs root for losetup and mount");
+        return;
+    }
+    let dev = Device::new(16);
+    let disk = dev.path("disk.img");
+    make_gpt_disk(&disk, &[("rootfs-A", 4 * MIB), ("rootfs-B", 4 * MIB)]);
+    let lo = Loop::attach(&disk).expect("attaching a loop device as root");
+    for _ in 0..50 {
+        if lo.part(2).exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mkfs = Command::new("mke2fs")
+        .args(["-q", "-t", "ext4"])
+        .arg(lo.part(2))
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    let mnt = dev.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let m = Command::new("mount")
+        .args(["-o", "ro"])
+        .arg(lo.part(2))
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(m.success(), "mounting the test partition");
+    use_partlabels(&dev, &lo.dev);
+    let b = dev.bundle("b", &BundleOpts::default());
+    let hash = || blake3::hash(&std::fs::read(lo.part(2)).unwrap());
+    let before = hash();
+    let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
+    let after = hash();
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert_refused(&o, 21, &format!("is mounted at {}", mnt.display()));
+    assert_eq!(before, after, "mounted partition written");
 }

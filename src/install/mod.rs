@@ -123,6 +123,7 @@ pub fn apply(
     let booted = slot::booted_slot(&cfg.cmdline)?;
     let target_cfg = slot::choose_target(cfg, booted.as_deref(), opts.slot.as_deref())?;
     let dev = slot::resolve(cfg, target_cfg)?;
+    slot::ensure_not_mounted(&dev.path, &cfg.mountinfo)?;
     let mut dests = Vec::new();
     for p in &m.payloads {
         let d = destination(target_cfg, &dev, p)?;
