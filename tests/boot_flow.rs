@@ -199,3 +199,40 @@ fn corrupt_boot_environment_is_an_error_not_a_default() {
     let o = dev.run(&["status"]);
     assert_refused(&o, 6, "corrupt: EDGE_B_STATE is missing");
 }
+
+#[test]
+fn watchdog_device_missing_fails_the_new_slot_with_its_name() {
+    let dev = Device::new(1 << 20);
+    let cfg = std::fs::read_to_string(&dev.config).unwrap();
+    let cfg = cfg.replace(
+        "interval_ms = 100\n",
+        &format!(
+            "interval_ms = 100\nwatchdog = \"{}\"\n",
+            dev.path("no-such-watchdog").display()
+        ),
+    );
+    std::fs::write(&dev.config, cfg).unwrap();
+    std::fs::write(dev.path("healthy"), "").unwrap();
+    apply_v2(&dev, "3");
+    assert_eq!(boot(&dev), "B");
+    let o = dev.run(&["health", "--no-reboot"]);
+    assert_refused_multiline(&o, 7, "opening watchdog");
+    assert_eq!(dev.boot_state("B"), SlotBootState::Bad);
+}
+
+#[test]
+fn probe_timing_out_fails_the_new_slot() {
+    let dev = Device::new(1 << 20);
+    let cfg = std::fs::read_to_string(&dev.config).unwrap();
+    let cfg = cfg.replace(
+        "deadline_secs = 1\n",
+        "deadline_secs = 2\n",
+    ) + "\n[[health.probe]]\nname = \"slow\"\nkind = \"command\"\ncommand = [\"sleep\", \"30\"]\ntimeout_secs = 1\n";
+    std::fs::write(&dev.config, cfg).unwrap();
+    std::fs::write(dev.path("healthy"), "").unwrap();
+    apply_v2(&dev, "3");
+    boot(&dev);
+    let o = dev.run(&["health", "--no-reboot"]);
+    assert_refused_multiline(&o, 7, "probe slow: sleep timed out after 1s");
+    assert_eq!(dev.boot_state("B"), SlotBootState::Bad);
+}
