@@ -2,6 +2,7 @@
 //! kernel, initramfs, root filesystem and disk images the QEMU tests boot.
 
 mod bundle_cmd;
+mod os;
 
 use std::process::ExitCode;
 
@@ -22,19 +23,24 @@ enum Command {
     /// Create or inspect bundles.
     #[command(subcommand)]
     Bundle(bundle_cmd::BundleCommand),
+    /// OS images for the QEMU tests: kernel, initramfs, rootfs, disk.
+    #[command(flatten)]
+    Os(os::OsCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Keygen(a) => bundle_cmd::keygen(a),
-        Command::Bundle(c) => bundle_cmd::run(c),
+    // Each command family has its own error type; both map to distinct exit codes.
+    let result: Result<(), (String, u8)> = match cli.command {
+        Command::Keygen(a) => bundle_cmd::keygen(a).map_err(|e| (e.to_string(), e.exit_code())),
+        Command::Bundle(c) => bundle_cmd::run(c).map_err(|e| (e.to_string(), e.exit_code())),
+        Command::Os(c) => os::run(c).map_err(|e| (e.to_string(), e.exit_code())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("edge-ota-image: error: {e}");
-            ExitCode::from(e.exit_code())
+        Err((msg, code)) => {
+            eprintln!("edge-ota-image: error: {msg}");
+            ExitCode::from(code)
         }
     }
 }
