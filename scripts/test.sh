@@ -8,6 +8,13 @@ if [ "$(id -u)" = 0 ]; then
 else
   echo "test.sh: not root: skipping package installs; root-only tests will say they skip" >&2
 fi
-cargo test --workspace
+cargo test --workspace --exclude qemu-tests
 # Crash tests: the updater killed at each step that commits state.
 cargo test --features failpoints --test crash_points
+# End to end in QEMU (TCG): builds the kernel, images and bundles first (cached in build/qemu).
+mkdir -p build/qemu && rm -f build/qemu/timings.txt
+cargo test -p qemu-tests -- --test-threads=2
+if [ -f build/qemu/timings.txt ]; then
+  echo "QEMU scenario times:"
+  sed 's/^/  /' build/qemu/timings.txt
+fi

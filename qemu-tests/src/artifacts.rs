@@ -1,0 +1,312 @@
+//! The images the scenarios boot, built once per test run with `edge-ota-image` (each step is
+//! cached by the builder itself): kernel, initramfs, a v1 disk with slot A good, and signed
+//! v2 bundles, one per scenario variant. Nothing here is committed; all of it is rebuilt
+//! from Debian packages and this workspace.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The guest's product string; bundles for anything else are refused.
+pub const COMPATIBLE: &str = "edge-os-x86_64-qemu";
+
+pub struct Artifacts {
+    pub work: PathBuf,
+    /// Disk with slot A = v1 (good), slot B empty (bad).
+    pub disk: PathBuf,
+    /// v2 (security version 2), healthy.
+    pub bundle_v2: PathBuf,
+    /// v2 whose health check always fails.
+    pub bundle_health_fail: PathBuf,
+    /// v2 whose init exits at once: kernel panic, reboot.
+    pub bundle_panic: PathBuf,
+    /// v2 whose init hangs after arming the watchdog, before the health verdict.
+    pub bundle_hang: PathBuf,
+    /// v1.5 with security version 1: a downgrade once v2 is confirmed.
+    pub bundle_downgrade: PathBuf,
+    /// v2 with one payload byte flipped.
+    pub bundle_tampered: PathBuf,
+    /// v2 with one manifest byte flipped (its signature no longer verifies).
+    pub bundle_tampered_manifest: PathBuf,
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {shown}: {e}"));
+    assert!(
+        out.status.success(),
+        "{shown} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The guest configuration: GRUB backend on the boot partition, slots by GPT name, state on
+/// the data partition, the insecure demo key (test images only).
+fn guest_config(extra_probe: &str) -> String {
+    format!(
+        r#"compatible = "{COMPATIBLE}"
+state_dir = "/var/lib/edge-ota"
+disk = "/dev/vda"
+tries = 2
+
+[trust]
+keys = ["/etc/edge-ota/keys/INSECURE-demo.pub.pem"]
+
+[[slot]]
+name = "A"
+partlabel = "rootfs-A"
+
+[[slot]]
+name = "B"
+partlabel = "rootfs-B"
+
+[bootloader]
+backend = "grub"
+path = "/mnt/boot/grub/grubenv"
+
+[health]
+deadline_secs = 6
+interval_ms = 500
+watchdog = "/dev/watchdog"
+
+[[health.probe]]
+name = "os-release"
+kind = "file"
+path = "/etc/os-release"
+
+[[health.probe]]
+name = "edge-ota-status"
+kind = "command"
+command = ["/usr/bin/edge-ota", "status"]
+{extra_probe}"#
+    )
+}
+
+static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
+
+/// Build (or reuse) everything. Work directory: `$EDGE_OTA_QEMU_WORK` or `build/qemu`.
+pub fn get() -> &'static Artifacts {
+    ARTIFACTS.get_or_init(build)
+}
+
+fn build() -> Artifacts {
+    let ws = workspace();
+    let work = std::env::var_os("EDGE_OTA_QEMU_WORK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ws.join("build/qemu"));
+    std::fs::create_dir_all(&work).unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+
+    // The builder, and the guest's updater with fail points (for the power-cut scenario) in
+    // its own target directory so the host's release binary stays without them.
+    run(Command::new(&cargo).current_dir(&ws).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "edge-ota-image",
+    ]));
+    let guest_target = ws.join("target/guest");
+    run(Command::new(&cargo)
+        .current_dir(&ws)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "edge-ota",
+            "--features",
+            "failpoints",
+        ])
+        .arg("--target-dir")
+        .arg(&guest_target));
+    let tool = ws.join("target/release/edge-ota-image");
+    let guest_ota = guest_target.join("release/edge-ota");
+    let image = |args: &[&str]| {
+        let mut c = Command::new(&tool);
+        c.args(args);
+        run(&mut c);
+    };
+    let p = |name: &str| work.join(name).to_string_lossy().into_owned();
+
+    // The "amd64" flavour: Debian's cloud kernels have no USB, and the stick needs it.
+    image(&["kernel", "--flavour", "amd64", "--out", &p("kernel")]);
+    image(&[
+        "initramfs",
+        "--kernel",
+        &p("kernel"),
+        "--out",
+        &p("initrd.img"),
+    ]);
+
+    std::fs::write(work.join("config-normal.toml"), guest_config("")).unwrap();
+    std::fs::write(
+        work.join("config-health-fail.toml"),
+        guest_config(
+            "\n[[health.probe]]\nname = \"kubelet-ready\"\nkind = \"file\"\npath = \"/run/kubelet-ready-never-exists\"\n",
+        ),
+    )
+    .unwrap();
+    let key_pub = ws.join("keys-example/INSECURE-demo.pub.pem");
+    let add_key = format!(
+        "{}=/etc/edge-ota/keys/INSECURE-demo.pub.pem",
+        key_pub.display()
+    );
+    let rootfs = |name: &str, version: &str, variant: &str, config: &str| {
+        image(&[
+            "rootfs",
+            "--kernel",
+            &p("kernel"),
+            "--initramfs",
+            &p("initrd.img"),
+            "--edge-ota",
+            &guest_ota.to_string_lossy(),
+            "--config",
+            &p(config),
+            "--version",
+            version,
+            "--variant",
+            variant,
+            "--add",
+            &add_key,
+            "--size",
+            "96",
+            "--out",
+            &p(name),
+        ]);
+    };
+    rootfs("rootfs-v1.img", "1.0.0", "normal", "config-normal.toml");
+    rootfs("rootfs-v1.5.img", "1.5.0", "normal", "config-normal.toml");
+    rootfs("rootfs-v2.img", "2.0.0", "normal", "config-normal.toml");
+    rootfs(
+        "rootfs-v2-health-fail.img",
+        "2.0.0",
+        "normal",
+        "config-health-fail.toml",
+    );
+    rootfs(
+        "rootfs-v2-panic.img",
+        "2.0.0",
+        "panic",
+        "config-normal.toml",
+    );
+    rootfs("rootfs-v2-hang.img", "2.0.0", "hang", "config-normal.toml");
+    image(&[
+        "disk",
+        "--slot-a",
+        &p("rootfs-v1.img"),
+        "--out",
+        &p("disk-v1.img"),
+        "--slot-size",
+        "128",
+        "--data-size",
+        "64",
+    ]);
+
+    let key = ws.join("keys-example/INSECURE-demo.key.pem");
+    let bundle = |out: &str, rootfs: &str, version: &str, sv: &str| {
+        image(&[
+            "bundle",
+            "create",
+            "--out",
+            &p(out),
+            "--compatible",
+            COMPATIBLE,
+            "--version",
+            version,
+            "--security-version",
+            sv,
+            "--key",
+            &key.to_string_lossy(),
+            "--image",
+            &p(rootfs),
+            "--created",
+            "1700000000",
+        ]);
+    };
+    bundle("v2.eota", "rootfs-v2.img", "2.0.0", "2");
+    bundle(
+        "v2-health-fail.eota",
+        "rootfs-v2-health-fail.img",
+        "2.0.0",
+        "2",
+    );
+    bundle("v2-panic.eota", "rootfs-v2-panic.img", "2.0.0", "2");
+    bundle("v2-hang.eota", "rootfs-v2-hang.img", "2.0.0", "2");
+    bundle("v1.5-downgrade.eota", "rootfs-v1.5.img", "1.5.0", "1");
+    let mut tampered = std::fs::read(work.join("v2.eota")).unwrap();
+    let at = tampered.len() - 4096;
+    tampered[at] ^= 0x20;
+    std::fs::write(work.join("v2-tampered.eota"), &tampered).unwrap();
+    tampered[at] ^= 0x20;
+    tampered[64 + 40] ^= 0x01;
+    std::fs::write(work.join("v2-tampered-manifest.eota"), tampered).unwrap();
+
+    Artifacts {
+        disk: work.join("disk-v1.img"),
+        bundle_v2: work.join("v2.eota"),
+        bundle_health_fail: work.join("v2-health-fail.eota"),
+        bundle_panic: work.join("v2-panic.eota"),
+        bundle_hang: work.join("v2-hang.eota"),
+        bundle_downgrade: work.join("v1.5-downgrade.eota"),
+        bundle_tampered: work.join("v2-tampered.eota"),
+        bundle_tampered_manifest: work.join("v2-tampered-manifest.eota"),
+        work,
+    }
+}
+
+impl Artifacts {
+    /// A private copy of the v1 disk for one scenario.
+    pub fn fresh_disk(&self, scenario: &str) -> PathBuf {
+        let d = self.work.join("runs").join(scenario);
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let disk = d.join("disk.img");
+        // cp --sparse keeps the copy cheap: most of the disk is zeros.
+        run(Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&self.disk)
+            .arg(&disk));
+        disk
+    }
+
+    /// A FAT USB stick holding `bundle` as /image.bin (built with mtools: no mount, no vfat
+    /// in the host kernel needed).
+    pub fn usb_stick(&self, scenario: &str, bundle: &Path) -> PathBuf {
+        self.usb_stick_with(scenario, &[(bundle, "image.bin")])
+    }
+
+    /// A FAT USB stick holding each `(file, name)`.
+    pub fn usb_stick_with(&self, scenario: &str, files: &[(&Path, &str)]) -> PathBuf {
+        let img = self.work.join("runs").join(scenario).join("usb.img");
+        let bytes: u64 = files
+            .iter()
+            .map(|(f, _)| std::fs::metadata(f).unwrap().len())
+            .sum();
+        let size_mib = bytes / (1 << 20) + 16;
+        let _ = std::fs::remove_file(&img);
+        run(Command::new("mkfs.vfat")
+            .args(["-C", "-n", "EDGEUSB"])
+            .arg(&img)
+            .arg((size_mib * 1024).to_string()));
+        for (file, name) in files {
+            run(Command::new("mcopy")
+                .arg("-i")
+                .arg(&img)
+                .arg(file)
+                .arg(format!("::/{name}")));
+        }
+        img
+    }
+}

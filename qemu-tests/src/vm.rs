@@ -1,0 +1,227 @@
+//! One QEMU virtual machine driven over its serial console: wait for markers, run shell
+//! commands and read their exit codes, cut the power.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Serial output so far, shared with the reader thread.
+#[derive(Default)]
+struct Console {
+    text: Mutex<String>,
+    grew: Condvar,
+}
+
+pub struct Vm {
+    name: String,
+    child: Child,
+    stdin: ChildStdin,
+    console: Arc<Console>,
+    /// Output before this byte has been consumed by earlier waits.
+    cursor: usize,
+    commands: u32,
+    pub log: PathBuf,
+}
+
+/// How to start a VM.
+pub struct VmConfig<'a> {
+    pub name: &'a str,
+    pub disk: &'a Path,
+    /// A raw image attached as a USB stick.
+    pub usb: Option<&'a Path>,
+    pub log_dir: &'a Path,
+}
+
+impl Vm {
+    pub fn start(cfg: &VmConfig) -> Vm {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        // TCG only: the nested KVM here is unusable (see shared HOST-NOTES). A machine with a
+        // real KVM may opt in with EDGE_OTA_QEMU_ACCEL=kvm.
+        let accel = std::env::var("EDGE_OTA_QEMU_ACCEL").unwrap_or_else(|_| "tcg".into());
+        cmd.args(["-accel", &accel, "-cpu", "max", "-m", "512", "-smp", "1"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=virtio,format=raw,cache=writeback",
+                cfg.disk.display()
+            ));
+        if let Some(usb) = cfg.usb {
+            cmd.args(["-device", "qemu-xhci,id=xhci"])
+                .arg("-drive")
+                .arg(format!(
+                    "if=none,id=usbstick,format=raw,file={}",
+                    usb.display()
+                ))
+                .args(["-device", "usb-storage,bus=xhci.0,drive=usbstick"]);
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("starting qemu-system-x86_64");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let console = Arc::new(Console::default());
+        std::fs::create_dir_all(cfg.log_dir).unwrap();
+        let log = cfg.log_dir.join(format!("{}.serial.log", cfg.name));
+        let mut log_file = std::fs::File::create(&log).unwrap();
+        let echo = std::env::var_os("EDGE_OTA_QEMU_ECHO").is_some();
+        let c = console.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let _ = log_file.write_all(&buf[..n]);
+                if echo {
+                    let _ = std::io::stderr().write_all(&buf[..n]);
+                }
+                c.text
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+                c.grew.notify_all();
+            }
+            c.grew.notify_all();
+        });
+        Vm {
+            name: cfg.name.to_string(),
+            child,
+            stdin,
+            console,
+            cursor: 0,
+            commands: 0,
+            log,
+        }
+    }
+
+    /// Wait until `pattern` appears after the cursor; move the cursor past it. Returns the
+    /// output from the old cursor to the end of the match.
+    pub fn wait_for(&mut self, pattern: &str, timeout: Duration) -> String {
+        match self.wait_any(&[pattern], timeout) {
+            Ok((_, text)) => text,
+            Err(tail) => panic!(
+                "{}: {pattern:?} not seen within {timeout:?}; last output:\n{tail}\n(full log {})",
+                self.name,
+                self.log.display()
+            ),
+        }
+    }
+
+    /// Wait for whichever of `patterns` comes first: (index, text up to its end), or the
+    /// output tail on timeout or VM exit.
+    pub fn wait_any(
+        &mut self,
+        patterns: &[&str],
+        timeout: Duration,
+    ) -> Result<(usize, String), String> {
+        let deadline = Instant::now() + timeout;
+        let mut text = self.console.text.lock().unwrap();
+        loop {
+            let hay = &text[self.cursor..];
+            let hit = patterns
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| hay.find(p).map(|at| (at, i, p.len())))
+                .min();
+            if let Some((at, i, len)) = hit {
+                let out = hay[..at + len].to_string();
+                self.cursor += at + len;
+                return Ok((i, out));
+            }
+            let now = Instant::now();
+            let exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            if now >= deadline || exited {
+                let tail: String = {
+                    let t = &text[self.cursor..];
+                    t[t.len().saturating_sub(3000)..].to_string()
+                };
+                return Err(tail);
+            }
+            text = self
+                .console
+                .grew
+                .wait_timeout(text, (deadline - now).min(Duration::from_millis(500)))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Type a line on the console.
+    pub fn send(&mut self, line: &str) {
+        self.stdin.write_all(line.as_bytes()).unwrap();
+        self.stdin.write_all(b"\n").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Run a shell command in the guest; returns (exit code, its output).
+    pub fn run(&mut self, cmd: &str, timeout: Duration) -> (i32, String) {
+        self.commands += 1;
+        let n = self.commands;
+        // The terminal echoes the command line; the quotes split the marker there, so only
+        // the shell's output of it can match.
+        self.send(&format!("{cmd}; echo \"@@\"\"rc-{n}=$?@@\""));
+        let start = format!("@@rc-{n}=");
+        let out = self.wait_for(&start, timeout);
+        let rest = self.wait_for("@@", Duration::from_secs(10));
+        let code = rest
+            .trim_end_matches("@@")
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| {
+                panic!("{}: exit status of `{cmd}` unreadable: {rest:?}", self.name)
+            });
+        // Drop the echoed command line (and the terminal's carriage returns) from the output.
+        let echo = format!("\"@@\"\"rc-{n}=");
+        let body = out
+            .trim_end_matches(start.as_str())
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(|l| !l.contains(&echo) && !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        (code, body)
+    }
+
+    /// Run and require success.
+    pub fn ok(&mut self, cmd: &str, timeout: Duration) -> String {
+        let (code, out) = self.run(cmd, timeout);
+        assert_eq!(code, 0, "{}: `{cmd}` exited {code}:\n{out}", self.name);
+        out
+    }
+
+    /// The guest's `edge-ota --json status`.
+    pub fn status(&mut self) -> serde_json::Value {
+        let out = self.ok("edge-ota --json status", Duration::from_secs(60));
+        let json = &out[out.find('{').expect("status JSON")..=out.rfind('}').expect("status JSON")];
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("status JSON: {e}:\n{out}"))
+    }
+
+    /// Cut the power: kill QEMU hard, no guest shutdown.
+    pub fn power_cut(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Output seen so far (whole console).
+    pub fn output(&self) -> String {
+        self.console.text.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

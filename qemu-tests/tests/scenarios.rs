@@ -1,0 +1,364 @@
+//! End-to-end scenarios in QEMU (TCG): the v1 disk built by `edge-ota-image` boots through
+//! real GRUB into slot A; updates arrive on a virtual USB stick. Each scenario checks the
+//! serial console markers, the guest's `edge-ota --json status`, and the disk from the host.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use qemu_tests::artifacts::{self, Artifacts};
+use qemu_tests::disk;
+use qemu_tests::vm::{Vm, VmConfig};
+
+const BOOT: Duration = Duration::from_secs(180);
+const CMD: Duration = Duration::from_secs(120);
+
+/// Skip (with the reason printed) where QEMU or root is missing; CI has both.
+macro_rules! require_qemu {
+    ($name:expr) => {
+        if let Some(why) = qemu_tests::skip_reason() {
+            eprintln!("SKIP {}: {why}", $name);
+            return;
+        }
+    };
+}
+
+fn start(a: &Artifacts, name: &str, disk: &Path, usb: &Path) -> Vm {
+    Vm::start(&VmConfig {
+        name,
+        disk,
+        usb: Some(usb),
+        log_dir: &a.work.join("logs"),
+    })
+}
+
+/// Wait for slot `slot` running `version` to pass its health gate and offer a shell.
+fn wait_ready(vm: &mut Vm, slot: &str, version: &str) {
+    vm.wait_for(&format!("edge-init: slot={slot} version={version}"), BOOT);
+    vm.wait_for("edge-init: ready", BOOT);
+    // The shell may still be starting: a round trip proves it reads input.
+    vm.ok("true", CMD);
+}
+
+fn mount_usb(vm: &mut Vm) {
+    // The stick shows up a little after boot on the emulated xHCI bus.
+    vm.ok(
+        "i=0; while [ ! -b /dev/sda ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done; mount -t vfat -o ro /dev/sda /media/usb",
+        CMD,
+    );
+}
+
+fn slot_boot_state(status: &serde_json::Value, slot: &str) -> String {
+    status["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == slot)
+        .map(|s| s["boot"]["state"].as_str().unwrap().to_string())
+        .unwrap()
+}
+
+/// Run a scenario and append its wall time to `<work>/timings.txt` (printed by
+/// scripts/test.sh as the per-scenario summary; libtest would capture our output).
+fn timed(name: &str, f: impl FnOnce()) {
+    // Image building (once per run, shared) is not part of any scenario's time.
+    let work = &artifacts::get().work;
+    let t = Instant::now();
+    f();
+    let line = format!("{name}: {:.1} s\n", t.elapsed().as_secs_f64());
+    eprint!("scenario {line}");
+    use std::io::Write;
+    let path = work.join("timings.txt");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    file.write_all(line.as_bytes()).unwrap();
+}
+
+/// Apply v2 from the stick, let it reboot into B and confirm.
+fn update_to_v2(vm: &mut Vm) {
+    mount_usb(vm);
+    vm.send("edge-ota apply /media/usb/image.bin");
+    vm.wait_for("edge-grub: booting B", BOOT);
+    wait_ready(vm, "B", "2.0.0");
+}
+
+#[test]
+fn usb_update_air_gapped() {
+    require_qemu!("usb_update_air_gapped");
+    timed("usb_update_air_gapped", || {
+        let a = artifacts::get();
+        let d = a.fresh_disk("usb");
+        let usb = a.usb_stick("usb", &a.bundle_v2);
+        let slot_a = disk::partition_hash(&d, "rootfs-A");
+        let mut vm = start(a, "usb", &d, &usb);
+        wait_ready(&mut vm, "A", "1.0.0");
+        update_to_v2(&mut vm);
+        let st = vm.status();
+        assert_eq!(st["booted"], "B");
+        assert_eq!(slot_boot_state(&st, "B"), "good");
+        assert_eq!(slot_boot_state(&st, "A"), "good");
+        assert_eq!(st["min_security_version"], 2);
+        assert_eq!(st["fallback"], false);
+        // Another reboot stays on B.
+        vm.send("reboot");
+        vm.wait_for("edge-grub: booting B", BOOT);
+        wait_ready(&mut vm, "B", "2.0.0");
+        assert_eq!(vm.status()["booted"], "B");
+        vm.send("poweroff");
+        vm.wait_for("reboot: Power down", BOOT);
+        vm.power_cut();
+        assert_eq!(
+            disk::partition_hash(&d, "rootfs-A"),
+            slot_a,
+            "slot A was written"
+        );
+        let env = disk::grubenv(&d);
+        assert_eq!(env["EDGE_ORDER"], "B A");
+        assert_eq!(env["EDGE_B_STATE"], "good");
+        assert_eq!(env["EDGE_A_STATE"], "good");
+    });
+}
+
+#[test]
+fn health_check_fails_then_rollback() {
+    require_qemu!("health_check_fails_then_rollback");
+    timed("health_check_fails_then_rollback", || {
+        let a = artifacts::get();
+        let d = a.fresh_disk("health-fail");
+        let usb = a.usb_stick("health-fail", &a.bundle_health_fail);
+        let mut vm = start(a, "health-fail", &d, &usb);
+        wait_ready(&mut vm, "A", "1.0.0");
+        mount_usb(&mut vm);
+        vm.send("edge-ota apply /media/usb/image.bin");
+        vm.wait_for("edge-init: slot=B version=2.0.0", BOOT);
+        vm.wait_for("probe kubelet-ready", BOOT);
+        vm.wait_for("edge-grub: booting A", BOOT);
+        wait_ready(&mut vm, "A", "1.0.0");
+        let st = vm.status();
+        assert_eq!(st["booted"], "A");
+        assert_eq!(st["fallback"], true);
+        assert_eq!(slot_boot_state(&st, "B"), "bad");
+        assert_eq!(st["rollbacks"][0]["slot"], "B");
+        assert_eq!(st["rollbacks"][0]["version"], "2.0.0");
+        let reason = st["rollbacks"][0]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("health check failed: probe kubelet-ready"),
+            "{reason}"
+        );
+        assert_eq!(st["min_security_version"], 0);
+    });
+}
+
+#[test]
+fn kernel_panic_exhausts_tries_then_fallback() {
+    require_qemu!("kernel_panic_exhausts_tries_then_fallback");
+    timed("kernel_panic_exhausts_tries_then_fallback", || {
+        let a = artifacts::get();
+        let d = a.fresh_disk("panic");
+        let usb = a.usb_stick("panic", &a.bundle_panic);
+        let mut vm = start(a, "panic", &d, &usb);
+        wait_ready(&mut vm, "A", "1.0.0");
+        mount_usb(&mut vm);
+        vm.send("edge-ota apply /media/usb/image.bin");
+        // tries = 2 in the guest config: two panics, then GRUB falls back by itself.
+        for _ in 0..2 {
+            vm.wait_for("edge-grub: booting B", BOOT);
+            vm.wait_for("Kernel panic", BOOT);
+        }
+        vm.wait_for("edge-grub: booting A", BOOT);
+        wait_ready(&mut vm, "A", "1.0.0");
+        let st = vm.status();
+        assert_eq!(st["booted"], "A");
+        assert_eq!(slot_boot_state(&st, "B"), "bad");
+        assert_eq!(st["rollbacks"][0]["slot"], "B");
+        assert_eq!(st["rollbacks"][0]["version"], "2.0.0");
+        assert!(st["rollbacks"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("boot attempts exhausted"));
+    });
+}
+
+#[test]
+fn hang_before_verdict_watchdog_resets_then_fallback() {
+    require_qemu!("hang_before_verdict_watchdog_resets_then_fallback");
+    timed("hang_before_verdict_watchdog_resets_then_fallback", || {
+        let a = artifacts::get();
+        let d = a.fresh_disk("hang");
+        let usb = a.usb_stick("hang", &a.bundle_hang);
+        let mut vm = start(a, "hang", &d, &usb);
+        wait_ready(&mut vm, "A", "1.0.0");
+        mount_usb(&mut vm);
+        vm.send("edge-ota apply /media/usb/image.bin");
+        for _ in 0..2 {
+            vm.wait_for("edge-grub: booting B", BOOT);
+            vm.wait_for("edge-init: hanging", BOOT);
+        }
+        vm.wait_for("edge-grub: booting A", BOOT);
+        wait_ready(&mut vm, "A", "1.0.0");
+        let st = vm.status();
+        assert_eq!(st["booted"], "A");
+        assert_eq!(slot_boot_state(&st, "B"), "bad");
+        assert!(st["rollbacks"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("boot attempts exhausted"));
+    });
+}
+
+#[test]
+fn power_cut_during_apply_at_several_points() {
+    require_qemu!("power_cut_during_apply_at_several_points");
+    timed("power_cut_during_apply_at_several_points", || {
+        let a = artifacts::get();
+        let d = a.fresh_disk("power-cut");
+        let usb = a.usb_stick("power-cut", &a.bundle_v2);
+        let chunks = {
+            let mut f = std::fs::File::open(&a.bundle_v2).unwrap();
+            let head = edge_ota::bundle::reader::BundleHead::read(&mut f).unwrap();
+            head.parse_unverified().unwrap().payloads[0].chunks.len()
+        };
+        let points = [
+            "chunks:10".to_string(),
+            format!("chunks:{}", chunks / 2),
+            "before-flip".to_string(),
+            "boot-env-write@2".to_string(),
+        ];
+        let mut booted_b = false;
+        for (i, point) in points.iter().enumerate() {
+            let mut vm = start(a, &format!("power-cut-{i}"), &d, &usb);
+            wait_ready(&mut vm, "A", "1.0.0");
+            mount_usb(&mut vm);
+            vm.send(&format!(
+                "EDGE_OTA_FAILPOINT={point} edge-ota apply --no-reboot /media/usb/image.bin"
+            ));
+            vm.wait_for(edge_ota::failpoint::MARKER, BOOT);
+            vm.power_cut();
+            // Power back on: a good slot must come up whatever was cut.
+            let mut vm = start(a, &format!("power-cut-{i}-after"), &d, &usb);
+            let (which, _) = vm
+                .wait_any(
+                    &[
+                        "edge-init: slot=A version=1.0.0",
+                        "edge-init: slot=B version=2.0.0",
+                    ],
+                    BOOT,
+                )
+                .unwrap_or_else(|tail| panic!("after cut at {point}: no slot came up:\n{tail}"));
+            vm.wait_for("edge-init: ready", BOOT);
+            vm.ok("true", CMD);
+            let st = vm.status();
+            let booted = st["booted"].as_str().unwrap().to_string();
+            assert_eq!(
+                slot_boot_state(&st, &booted),
+                "good",
+                "after cut at {point}: {st}"
+            );
+            if which == 1 {
+                // Only the flip's env write can have survived the cut, and then B is whole.
+                assert_eq!(point, "boot-env-write@2", "B booted after a cut at {point}");
+                booted_b = true;
+            } else {
+                assert_ne!(slot_boot_state(&st, "B"), "good", "after cut at {point}");
+            }
+            vm.send("poweroff");
+            vm.wait_for("reboot: Power down", BOOT);
+            vm.power_cut();
+        }
+        if !booted_b {
+            // Running apply again completes and B confirms.
+            let mut vm = start(a, "power-cut-final", &d, &usb);
+            wait_ready(&mut vm, "A", "1.0.0");
+            update_to_v2(&mut vm);
+            let st = vm.status();
+            assert_eq!(st["booted"], "B");
+            assert_eq!(slot_boot_state(&st, "B"), "good");
+        }
+    });
+}
+
+#[test]
+fn tampered_bundle_is_refused_without_reboot() {
+    require_qemu!("tampered_bundle_is_refused_without_reboot");
+    timed("tampered_bundle_is_refused_without_reboot", || {
+        let a = artifacts::get();
+        let d = a.fresh_disk("tampered");
+        let usb = a.usb_stick_with(
+            "tampered",
+            &[
+                (&a.bundle_tampered, "image.bin"),
+                (&a.bundle_tampered_manifest, "manifest.bin"),
+            ],
+        );
+        let env_before = disk::grubenv(&d);
+        let slot_a = disk::partition_hash(&d, "rootfs-A");
+        let mut vm = start(a, "tampered", &d, &usb);
+        wait_ready(&mut vm, "A", "1.0.0");
+        mount_usb(&mut vm);
+        // A forged manifest is refused before a single byte reaches slot B.
+        let b_before = vm.ok("md5sum /dev/vda4", CMD);
+        let (code, out) = vm.run("edge-ota apply /media/usb/manifest.bin", CMD);
+        assert_eq!(code, 14, "{out}");
+        assert!(
+            out.contains("bad signature by key 083283e8ebdabafd"),
+            "{out}"
+        );
+        assert_eq!(vm.ok("md5sum /dev/vda4", CMD), b_before, "slot B written");
+        // A tampered chunk is caught before it is written; B stays marked bad.
+        let (code, out) = vm.run("edge-ota apply /media/usb/image.bin", CMD);
+        assert_eq!(code, 16, "{out}");
+        assert!(out.contains("tampered payload \"rootfs\""), "{out}");
+        // Still running the same boot: the shell answers, nothing rebooted.
+        let st = vm.status();
+        assert_eq!(st["booted"], "A");
+        assert_eq!(slot_boot_state(&st, "B"), "bad");
+        assert_eq!(st["next_boot"], "A");
+        vm.send("poweroff");
+        vm.wait_for("reboot: Power down", BOOT);
+        vm.power_cut();
+        assert!(!vm_output_has_reboot(
+            &a.work.join("logs/tampered.serial.log")
+        ));
+        assert_eq!(disk::grubenv(&d), env_before, "boot environment changed");
+        assert_eq!(disk::partition_hash(&d, "rootfs-A"), slot_a);
+    });
+}
+
+/// GRUB ran more than once in this VM's life: something rebooted it.
+fn vm_output_has_reboot(log: &Path) -> bool {
+    let text = std::fs::read_to_string(log).unwrap();
+    text.matches("edge-grub: booting").count() > 1
+}
+
+#[test]
+fn downgrade_after_confirmation_is_refused() {
+    require_qemu!("downgrade_after_confirmation_is_refused");
+    timed("downgrade_after_confirmation_is_refused", || {
+        let a = artifacts::get();
+        let d = a.fresh_disk("downgrade");
+        let usb = a.usb_stick_with(
+            "downgrade",
+            &[
+                (&a.bundle_v2, "image.bin"),
+                (&a.bundle_downgrade, "old.bin"),
+            ],
+        );
+        let mut vm = start(a, "downgrade", &d, &usb);
+        wait_ready(&mut vm, "A", "1.0.0");
+        update_to_v2(&mut vm);
+        assert_eq!(vm.status()["min_security_version"], 2);
+        mount_usb(&mut vm);
+        let (code, out) = vm.run("edge-ota apply --no-reboot /media/usb/old.bin", CMD);
+        assert_eq!(code, 18, "{out}");
+        assert!(
+            out.contains("downgrade refused: bundle security version 1"),
+            "{out}"
+        );
+        let st = vm.status();
+        assert_eq!(st["booted"], "B");
+        assert_eq!(slot_boot_state(&st, "A"), "good");
+        assert_eq!(st["next_boot"], "B");
+    });
+}
