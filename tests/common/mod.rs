@@ -1,6 +1,7 @@
 //! Shared fixture for the CLI tests: a device made of files (two slot files, a file boot
 //! environment, a state directory, a fake kernel command line) and bundles signed with the
 //! insecure demo keys from keys-example/.
+// Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
