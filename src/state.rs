@@ -182,20 +182,33 @@ impl StateStore {
 /// Replace `path` with `bytes` atomically and durably: temp file in the same directory,
 /// fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = parent_dir(path);
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .ctx(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
         .ctx(|| format!("writing {}", tmp.path().display()))?;
+    persist(tmp, path)
+}
+
+/// Make a fully written temporary file (created in `path`'s directory) durable as `path`:
+/// fsync it, rename it over `path`, fsync the directory. A power cut leaves the old file or
+/// the new one, never a mix.
+pub fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    tmp.as_file()
+        .sync_all()
+        .ctx(|| format!("syncing {}", tmp.path().display()))?;
     tmp.persist(path)
         .map_err(|e| Error::io(format!("renaming into {}", path.display()), e.error))?;
+    let dir = parent_dir(path);
     File::open(dir)
         .and_then(|d| d.sync_all())
         .ctx(|| format!("syncing directory {}", dir.display()))
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 #[cfg(test)]

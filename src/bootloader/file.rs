@@ -41,10 +41,7 @@ impl EnvStore for FileEnv {
             }
             text.push_str(&format!("{k}={v}\n"));
         }
-        crate::state::write_atomic(&self.path, text.as_bytes()).map_err(|e| match e {
-            crate::error::Error::Io { source, .. } => BootError::io(&self.path, source),
-            other => BootError::Invalid(other.to_string()),
-        })
+        super::write_atomic(&self.path, text.as_bytes())
     }
 
     fn describe(&self) -> String {

@@ -11,8 +11,8 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{BootError, EnvStore};
@@ -185,33 +185,7 @@ impl GrubEnvFile {
     ) -> Result<Self, BootError> {
         let path = path.into();
         let block = serialize(vars)?;
-        let dir = parent_dir(&path);
-        let name = path
-            .file_name()
-            .ok_or_else(|| BootError::Invalid(format!("{}: not a file path", path.display())))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let written = (|| -> io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o644)
-                .open(&tmp)?;
-            f.write_all(&block)?;
-            f.sync_all()
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(BootError::io(&tmp, e));
-        }
-        if let Err(e) = std::fs::rename(&tmp, &path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(BootError::io(&path, e));
-        }
-        sync_dir(dir).map_err(|e| BootError::io(dir, e))?;
+        super::write_atomic(&path, &block)?;
         Ok(GrubEnvFile { path })
     }
 }
@@ -268,18 +242,6 @@ impl EnvStore for GrubEnvFile {
     fn describe(&self) -> String {
         format!("grubenv {}", self.path.display())
     }
-}
-
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// Makes a rename in `dir` durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -42,6 +42,28 @@ impl BootError {
     }
 }
 
+/// Replace a bootloader file (loader.conf, a new grubenv, the file backend) atomically and
+/// durably, world-readable like the files the bootloaders' own tools write.
+pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), BootError> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| BootError::io(dir, e))?;
+    tmp.write_all(bytes)
+        .and_then(|_| {
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))
+        })
+        .map_err(|e| BootError::io(tmp.path(), e))?;
+    crate::state::persist(tmp, path).map_err(|e| match e {
+        crate::error::Error::Io { source, .. } => BootError::io(path, source),
+        other => BootError::Invalid(other.to_string()),
+    })
+}
+
 /// A key/value environment that a bootloader reads at boot (grubenv, U-Boot env, a file).
 ///
 /// `load` must fail on a corrupt or missing store; `store` must be durable (fsynced) when it

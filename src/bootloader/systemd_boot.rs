@@ -18,8 +18,8 @@
 //! Every change is a `rename(2)` or an atomic file replacement, followed by an fsync of the
 //! directory.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use super::{BootError, Bootloader, SlotBootState};
@@ -251,7 +251,7 @@ impl SystemdBoot {
             }
             out.push_str(&new_line);
         }
-        write_atomically(&self.loader_conf, out.as_bytes())
+        super::write_atomic(&self.loader_conf, out.as_bytes())
     }
 }
 
@@ -295,47 +295,9 @@ fn loader_conf_key_value(line: &str) -> Option<(&str, &str)> {
     Some((key, value))
 }
 
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
 /// Makes renames in `dir` durable.
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
-}
-
-/// Replaces `path` with `bytes`: temp file in the same directory, fsync, rename, fsync dir.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BootError> {
-    let dir = parent_dir(path);
-    let name = path
-        .file_name()
-        .ok_or_else(|| BootError::Invalid(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = (|| -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(BootError::io(&tmp, e));
-    }
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(BootError::io(path, e));
-    }
-    sync_dir(dir).map_err(|e| BootError::io(dir, e))
 }
 
 impl Bootloader for SystemdBoot {

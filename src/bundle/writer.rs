@@ -132,11 +132,8 @@ pub fn create(spec: &BundleSpec, keys: &[SigningKey], out: &Path) -> Result<Mani
     tmp_out
         .as_file()
         .set_permissions(std::fs::Permissions::from_mode(0o644))
-        .and_then(|_| tmp_out.as_file().sync_all())
-        .ctx(|| format!("syncing {}", out.display()))?;
-    tmp_out
-        .persist(out)
-        .map_err(|e| Error::io(format!("renaming into {}", out.display()), e.error))?;
+        .ctx(|| format!("setting permissions of {}", out.display()))?;
+    crate::state::persist(tmp_out, out)?;
     Ok(manifest)
 }
 

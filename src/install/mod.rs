@@ -270,14 +270,7 @@ fn write_file(
             what: "whole-payload hash mismatch".into(),
         });
     }
-    tmp.as_file()
-        .sync_all()
-        .ctx(|| format!("syncing {}", path.display()))?;
-    tmp.persist(path)
-        .map_err(|e| Error::io(format!("renaming into {}", path.display()), e.error))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .ctx(|| format!("syncing {}", dir.display()))?;
+    crate::state::persist(tmp, path)?;
     Ok(p.size)
 }
 
