@@ -27,6 +27,9 @@ pub enum BundleCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Measure chunk reuse: how much of NEW a device holding OLD's content already has
+    /// (chunks with equal hashes), i.e. what a delta update would still have to fetch.
+    Reuse { old: PathBuf, new: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +74,10 @@ pub struct CreateArgs {
     /// Average chunk size in KiB (min = avg/4, max = avg*4).
     #[arg(long, default_value_t = 64)]
     chunk_kib: u32,
+    /// Fixed-size chunks of exactly --chunk-kib instead of content-defined ones (for
+    /// comparing delta reuse; see bench/chunking.sh).
+    #[arg(long)]
+    fixed_chunks: bool,
 }
 
 pub fn keygen(a: KeygenArgs) -> Result<()> {
@@ -157,10 +164,18 @@ pub fn create(a: CreateArgs) -> Result<()> {
         created,
         expires,
         payloads,
-        chunking: Chunking {
-            min: avg / 4,
-            avg,
-            max: avg * 4,
+        chunking: if a.fixed_chunks {
+            Chunking {
+                min: avg,
+                avg,
+                max: avg,
+            }
+        } else {
+            Chunking {
+                min: avg / 4,
+                avg,
+                max: avg * 4,
+            }
         },
         zstd_level: a.level,
         threads: a
@@ -197,9 +212,40 @@ fn newest_mtime(payloads: &[PayloadInput]) -> Result<u64> {
     Ok(newest)
 }
 
+fn read_manifest(path: &std::path::Path) -> Result<edge_ota::bundle::Manifest> {
+    let mut f = std::fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
+    BundleHead::read(&mut f)?.parse_unverified()
+}
+
+fn reuse(old: &std::path::Path, new: &std::path::Path) -> Result<()> {
+    let old = read_manifest(old)?;
+    let new = read_manifest(new)?;
+    let have: std::collections::HashSet<_> = old
+        .payloads
+        .iter()
+        .flat_map(|p| p.chunks.iter().map(|c| c.hash))
+        .collect();
+    let (mut chunks, mut reused, mut bytes, mut fetch) = (0usize, 0usize, 0u64, 0u64);
+    for c in new.payloads.iter().flat_map(|p| &p.chunks) {
+        chunks += 1;
+        bytes += u64::from(c.clen);
+        if have.contains(&c.hash) {
+            reused += 1;
+        } else {
+            fetch += u64::from(c.clen);
+        }
+    }
+    println!(
+        "{reused}/{chunks} chunks reused; to fetch: {fetch} of {bytes} compressed bytes ({:.2}%)",
+        100.0 * fetch as f64 / bytes.max(1) as f64
+    );
+    Ok(())
+}
+
 pub fn run(c: BundleCommand) -> Result<()> {
     match c {
         BundleCommand::Create(a) => create(*a),
+        BundleCommand::Reuse { old, new } => reuse(&old, &new),
         BundleCommand::Info { bundle, json } => {
             let mut f =
                 std::fs::File::open(&bundle).ctx(|| format!("opening {}", bundle.display()))?;
