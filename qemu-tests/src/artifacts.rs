@@ -14,8 +14,10 @@ pub struct Artifacts {
     pub work: PathBuf,
     /// Disk with slot A = v1 (good), slot B empty (bad).
     pub disk: PathBuf,
-    /// v2 (security version 2), healthy.
+    /// v2 (security version 2), healthy, with a container image archive for slot B.
     pub bundle_v2: PathBuf,
+    /// The container image archive inside `bundle_v2`.
+    pub container_images: PathBuf,
     /// v2 whose health check always fails.
     pub bundle_health_fail: PathBuf,
     /// v2 whose init exits at once: kernel panic, reboot.
@@ -66,10 +68,12 @@ keys = ["/etc/edge-ota/keys/INSECURE-demo.pub.pem"]
 [[slot]]
 name = "A"
 partlabel = "rootfs-A"
+files_dir = "/var/lib/containerd-images/slot-A"
 
 [[slot]]
 name = "B"
 partlabel = "rootfs-B"
+files_dir = "/var/lib/containerd-images/slot-B"
 
 [bootloader]
 backend = "grub"
@@ -214,39 +218,82 @@ fn build() -> Artifacts {
         "64",
     ]);
 
+    // A stand-in for the Kubernetes images a release ships (an OCI layout archive), made
+    // reproducibly so the bundle is too.
+    let oci = work.join("oci");
+    std::fs::create_dir_all(oci.join("blobs/sha256")).unwrap();
+    std::fs::write(
+        oci.join("oci-layout"),
+        "{\"imageLayoutVersion\":\"1.0.0\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        oci.join("index.json"),
+        "{\"schemaVersion\":2,\"manifests\":[]}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        oci.join("blobs/sha256/layer"),
+        "pause container layer stand-in\n".repeat(4096),
+    )
+    .unwrap();
+    run(Command::new("tar")
+        .args([
+            "--sort=name",
+            "--mtime=@1700000000",
+            "--owner=0",
+            "--group=0",
+        ])
+        .args(["--numeric-owner", "-cf"])
+        .arg(work.join("k8s-images.tar"))
+        .arg("-C")
+        .arg(&oci)
+        .arg("."));
+
     let key = ws.join("keys-example/INSECURE-demo.key.pem");
-    let bundle = |out: &str, rootfs: &str, version: &str, sv: &str| {
-        image(&[
-            "bundle",
-            "create",
-            "--out",
-            &p(out),
-            "--compatible",
-            COMPATIBLE,
-            "--version",
-            version,
-            "--security-version",
-            sv,
-            "--key",
-            &key.to_string_lossy(),
-            "--image",
-            &p(rootfs),
-            "--created",
-            "1700000000",
-        ]);
+    let bundle = |out: &str, rootfs: &str, version: &str, sv: &str, extra: &[&str]| {
+        let mut c = Command::new(&tool);
+        c.current_dir(&work)
+            .args(["bundle", "create", "--out", out, "--compatible", COMPATIBLE])
+            .args([
+                "--version",
+                version,
+                "--security-version",
+                sv,
+                "--image",
+                rootfs,
+            ])
+            .args(["--created", "1700000000"])
+            .args(extra)
+            .arg("--key")
+            .arg(&key);
+        run(&mut c);
     };
-    bundle("v2.eota", "rootfs-v2.img", "2.0.0", "2");
+    bundle(
+        "v2.eota",
+        "rootfs-v2.img",
+        "2.0.0",
+        "2",
+        &[
+            "--payload",
+            "container-images:k8s-images.tar:k8s-images.tar",
+        ],
+    );
     bundle(
         "v2-health-fail.eota",
         "rootfs-v2-health-fail.img",
         "2.0.0",
         "2",
+        &[],
     );
-    bundle("v2-panic.eota", "rootfs-v2-panic.img", "2.0.0", "2");
-    bundle("v2-hang.eota", "rootfs-v2-hang.img", "2.0.0", "2");
-    bundle("v1.5-downgrade.eota", "rootfs-v1.5.img", "1.5.0", "1");
     let mut tampered = std::fs::read(work.join("v2.eota")).unwrap();
-    let at = tampered.len() - 4096;
+    // One bit in the middle of a chunk of the root filesystem payload.
+    let at = {
+        let head = edge_ota::bundle::reader::BundleHead::read(&mut &tampered[..]).unwrap();
+        let rootfs = &head.parse_unverified().unwrap().payloads[0];
+        let c = &rootfs.chunks[rootfs.chunks.len() / 2];
+        (head.header.payload_offset() + c.offset) as usize + c.clen as usize / 2
+    };
     tampered[at] ^= 0x20;
     std::fs::write(work.join("v2-tampered.eota"), &tampered).unwrap();
     tampered[at] ^= 0x20;
@@ -256,6 +303,7 @@ fn build() -> Artifacts {
     Artifacts {
         disk: work.join("disk-v1.img"),
         bundle_v2: work.join("v2.eota"),
+        container_images: work.join("k8s-images.tar"),
         bundle_health_fail: work.join("v2-health-fail.eota"),
         bundle_panic: work.join("v2-panic.eota"),
         bundle_hang: work.join("v2-hang.eota"),

@@ -101,6 +101,21 @@ fn usb_update_air_gapped() {
         assert_eq!(slot_boot_state(&st, "A"), "good");
         assert_eq!(st["min_security_version"], 2);
         assert_eq!(st["fallback"], false);
+        // The Kubernetes images shipped in the same bundle landed in B's image store.
+        let md5 = vm.ok(
+            "md5sum /var/lib/containerd-images/slot-B/images/k8s-images.tar",
+            CMD,
+        );
+        let want = std::process::Command::new("md5sum")
+            .arg(&a.container_images)
+            .output()
+            .unwrap();
+        let want = String::from_utf8_lossy(&want.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(md5.contains(&want), "guest {md5}, host {want}");
         // Another reboot stays on B.
         vm.send("reboot");
         vm.wait_for("edge-grub: booting B", BOOT);
