@@ -196,3 +196,48 @@ fn mounted_target_is_refused_even_if_the_cmdline_says_otherwise() {
     assert_refused(&o, 21, &format!("is mounted at {}", mnt.display()));
     assert_eq!(before, after, "mounted partition written");
 }
+
+#[test]
+fn file_payloads_larger_than_free_space_are_refused_before_writing() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP file_payloads_larger_than_free_space_are_refused_before_writing: needs root to mount a small tmpfs");
+        return;
+    }
+    let dev = Device::new(1 << 20);
+    let files = dev.path("filesB");
+    std::fs::create_dir(&files).unwrap();
+    let m = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+        .arg(&files)
+        .status()
+        .unwrap();
+    assert!(m.success(), "mounting a 512 KiB tmpfs");
+    let b = dev.bundle(
+        "b",
+        &BundleOpts {
+            payloads: vec![
+                (
+                    edge_ota::bundle::PayloadKind::Image,
+                    "rootfs",
+                    image_bytes(200_000, 2),
+                ),
+                (
+                    edge_ota::bundle::PayloadKind::ContainerImages,
+                    "k8s.tar",
+                    image_bytes(900_000, 3),
+                ),
+            ],
+            ..Default::default()
+        },
+    );
+    let before = dev.snapshot();
+    let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
+    let left = std::fs::read_dir(&files).unwrap().count();
+    let _ = Command::new("umount").arg(&files).status();
+    assert_refused(&o, 20, "(900000 bytes) is larger than the free space in");
+    assert!(
+        before == dev.snapshot(),
+        "refused bundle changed the device"
+    );
+    assert_eq!(left, 0, "something was written to the full filesystem");
+}

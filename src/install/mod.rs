@@ -106,6 +106,50 @@ fn destination(slot_cfg: &SlotConfig, dev: &SlotDevice, p: &Payload) -> Result<D
     Ok(Destination::File(dir.join(subdir).join(&p.target)))
 }
 
+/// File payloads must fit the free space where they go, checked before anything is written:
+/// running out of space halfway is the failure users of other updaters hit most.
+fn check_file_space(m: &crate::bundle::Manifest, dests: &[Destination]) -> Result<()> {
+    let mut need: Vec<(PathBuf, u64, String)> = Vec::new();
+    for (p, d) in m.payloads.iter().zip(dests) {
+        let Destination::File(path) = d else { continue };
+        // The payload's directory may not exist yet: measure the nearest one that does.
+        let mut dir = path
+            .parent()
+            .expect("payload path has a directory")
+            .to_path_buf();
+        while !dir.exists() {
+            if !dir.pop() {
+                break;
+            }
+        }
+        match need.iter_mut().find(|(d, _, _)| *d == dir) {
+            Some(entry) => {
+                entry.1 += p.size;
+                entry.2 = p.name.clone();
+            }
+            None => need.push((dir, p.size, p.name.clone())),
+        }
+    }
+    for (dir, bytes, last) in need {
+        let st = nix::sys::statvfs::statvfs(&dir).map_err(|e| {
+            Error::io(
+                format!("checking free space in {}", dir.display()),
+                e.into(),
+            )
+        })?;
+        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        if bytes > free {
+            return Err(Error::TooLarge {
+                payload: last,
+                size: bytes,
+                target: format!("the free space in {}", dir.display()),
+                capacity: free,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Install a bundle into the inactive slot. On any error nothing the bootloader would boot
 /// has changed: the target stays marked bad until a complete, verified write.
 pub fn apply(
@@ -139,6 +183,7 @@ pub fn apply(
         }
         dests.push(d);
     }
+    check_file_space(m, &dests)?;
     let tries = opts.tries.unwrap_or(cfg.tries);
 
     // 1. Not bootable before the first byte is written.
