@@ -286,6 +286,9 @@ fn build() -> Artifacts {
         "2",
         &[],
     );
+    bundle("v2-panic.eota", "rootfs-v2-panic.img", "2.0.0", "2", &[]);
+    bundle("v2-hang.eota", "rootfs-v2-hang.img", "2.0.0", "2", &[]);
+    bundle("v1.5-downgrade.eota", "rootfs-v1.5.img", "1.5.0", "1", &[]);
     let mut tampered = std::fs::read(work.join("v2.eota")).unwrap();
     // One bit in the middle of a chunk of the root filesystem payload.
     let at = {
