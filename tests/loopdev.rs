@@ -100,7 +100,19 @@ impl Loop {
         let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         // Some kernels do not scan partitions on loop devices; partx adds the nodes.
         let _ = Command::new("partx").arg("-a").arg(&dev).output();
-        Some(Loop { dev })
+        let lo = Loop { dev };
+        for _ in 0..50 {
+            if lo.part(1).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(
+            lo.part(1).exists(),
+            "no partition node {} after partx -a",
+            lo.part(1).display()
+        );
+        Some(lo)
     }
     fn part(&self, n: u32) -> PathBuf {
         PathBuf::from(format!("{}p{n}", self.dev.display()))
@@ -126,17 +138,6 @@ fn slots_by_partlabel_on_a_loop_device() {
     let disk = dev.path("disk.img");
     make_gpt_disk(&disk, &[("rootfs-A", 2 * MIB), ("rootfs-B", 2 * MIB)]);
     let lo = Loop::attach(&disk).expect("attaching a loop device as root");
-    for _ in 0..50 {
-        if lo.part(2).exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(
-        lo.part(2).exists(),
-        "no partition node {} after partx -a",
-        lo.part(2).display()
-    );
     use_partlabels(&dev, &lo.dev);
     let a_before = blake3::hash(&std::fs::read(lo.part(1)).unwrap());
     let b = dev.bundle("b", &BundleOpts::default());
@@ -165,12 +166,6 @@ fn mounted_target_is_refused_even_if_the_cmdline_says_otherwise() {
     let disk = dev.path("disk.img");
     make_gpt_disk(&disk, &[("rootfs-A", 4 * MIB), ("rootfs-B", 4 * MIB)]);
     let lo = Loop::attach(&disk).expect("attaching a loop device as root");
-    for _ in 0..50 {
-        if lo.part(2).exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
     let mkfs = Command::new("mke2fs")
         .args(["-q", "-t", "ext4"])
         .arg(lo.part(2))

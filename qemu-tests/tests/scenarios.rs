@@ -166,33 +166,38 @@ fn health_check_fails_then_rollback() {
     });
 }
 
+/// Install a v2 that never reaches its health verdict (each boot of B shows
+/// `per_boot_marker` and dies): with tries = 2 in the guest config, GRUB must bring A back by
+/// itself after two boots of B, and health on A must record the fallback.
+fn fallback_after_tries_run_out(scenario: &str, bundle: &Path, per_boot_marker: &str) {
+    let a = artifacts::get();
+    let d = a.fresh_disk(scenario);
+    let usb = a.usb_stick(scenario, bundle);
+    let mut vm = start(a, scenario, &d, &usb);
+    wait_ready(&mut vm, "A", "1.0.0");
+    mount_usb(&mut vm);
+    vm.send("edge-ota apply /media/usb/image.bin");
+    for _ in 0..2 {
+        vm.wait_for("edge-grub: booting B", BOOT);
+        vm.wait_for(per_boot_marker, BOOT);
+    }
+    vm.wait_for("edge-grub: booting A", BOOT);
+    wait_ready(&mut vm, "A", "1.0.0");
+    let st = vm.status();
+    assert_eq!(st["booted"], "A");
+    assert_eq!(slot_boot_state(&st, "B"), "bad");
+    assert_eq!(st["rollbacks"][0]["slot"], "B");
+    assert_eq!(st["rollbacks"][0]["version"], "2.0.0");
+    let reason = st["rollbacks"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("boot attempts exhausted"), "{reason}");
+}
+
 #[test]
 fn kernel_panic_exhausts_tries_then_fallback() {
     require_qemu!("kernel_panic_exhausts_tries_then_fallback");
     timed("kernel_panic_exhausts_tries_then_fallback", || {
-        let a = artifacts::get();
-        let d = a.fresh_disk("panic");
-        let usb = a.usb_stick("panic", &a.bundle_panic);
-        let mut vm = start(a, "panic", &d, &usb);
-        wait_ready(&mut vm, "A", "1.0.0");
-        mount_usb(&mut vm);
-        vm.send("edge-ota apply /media/usb/image.bin");
-        // tries = 2 in the guest config: two panics, then GRUB falls back by itself.
-        for _ in 0..2 {
-            vm.wait_for("edge-grub: booting B", BOOT);
-            vm.wait_for("Kernel panic", BOOT);
-        }
-        vm.wait_for("edge-grub: booting A", BOOT);
-        wait_ready(&mut vm, "A", "1.0.0");
-        let st = vm.status();
-        assert_eq!(st["booted"], "A");
-        assert_eq!(slot_boot_state(&st, "B"), "bad");
-        assert_eq!(st["rollbacks"][0]["slot"], "B");
-        assert_eq!(st["rollbacks"][0]["version"], "2.0.0");
-        assert!(st["rollbacks"][0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("boot attempts exhausted"));
+        // init exits at once: the kernel panics and reboots (panic=5).
+        fallback_after_tries_run_out("panic", &artifacts::get().bundle_panic, "Kernel panic");
     });
 }
 
@@ -200,26 +205,9 @@ fn kernel_panic_exhausts_tries_then_fallback() {
 fn hang_before_verdict_watchdog_resets_then_fallback() {
     require_qemu!("hang_before_verdict_watchdog_resets_then_fallback");
     timed("hang_before_verdict_watchdog_resets_then_fallback", || {
-        let a = artifacts::get();
-        let d = a.fresh_disk("hang");
-        let usb = a.usb_stick("hang", &a.bundle_hang);
-        let mut vm = start(a, "hang", &d, &usb);
-        wait_ready(&mut vm, "A", "1.0.0");
-        mount_usb(&mut vm);
-        vm.send("edge-ota apply /media/usb/image.bin");
-        for _ in 0..2 {
-            vm.wait_for("edge-grub: booting B", BOOT);
-            vm.wait_for("edge-init: hanging", BOOT);
-        }
-        vm.wait_for("edge-grub: booting A", BOOT);
-        wait_ready(&mut vm, "A", "1.0.0");
-        let st = vm.status();
-        assert_eq!(st["booted"], "A");
-        assert_eq!(slot_boot_state(&st, "B"), "bad");
-        assert!(st["rollbacks"][0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("boot attempts exhausted"));
+        // init hangs after arming softdog (nowayout): the watchdog resets the machine.
+        let bundle = &artifacts::get().bundle_hang;
+        fallback_after_tries_run_out("hang", bundle, "edge-init: hanging");
     });
 }
 
