@@ -207,6 +207,14 @@ impl Vm {
         serde_json::from_str(json).unwrap_or_else(|e| panic!("status JSON: {e}:\n{out}"))
     }
 
+    /// Orderly power-off from the guest shell (filesystems unmounted and synced), then stop
+    /// QEMU: what the host reads from the disk afterwards is what the guest wrote.
+    pub fn shutdown(mut self, timeout: Duration) {
+        self.send("poweroff");
+        self.wait_for("reboot: Power down", timeout);
+        self.power_cut();
+    }
+
     /// Cut the power: kill QEMU hard, no guest shutdown.
     pub fn power_cut(mut self) {
         let _ = self.child.kill();

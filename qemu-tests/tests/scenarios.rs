@@ -121,9 +121,7 @@ fn usb_update_air_gapped() {
         vm.wait_for("edge-grub: booting B", BOOT);
         wait_ready(&mut vm, "B", "2.0.0");
         assert_eq!(vm.status()["booted"], "B");
-        vm.send("poweroff");
-        vm.wait_for("reboot: Power down", BOOT);
-        vm.power_cut();
+        vm.shutdown(BOOT);
         assert_eq!(
             disk::partition_hash(&d, "rootfs-A"),
             slot_a,
@@ -266,9 +264,7 @@ fn power_cut_during_apply_at_several_points() {
             } else {
                 assert_ne!(slot_boot_state(&st, "B"), "good", "after cut at {point}");
             }
-            vm.send("poweroff");
-            vm.wait_for("reboot: Power down", BOOT);
-            vm.power_cut();
+            vm.shutdown(BOOT);
         }
         if !booted_b {
             // Running apply again completes and B confirms.
@@ -318,9 +314,7 @@ fn tampered_bundle_is_refused_without_reboot() {
         assert_eq!(st["booted"], "A");
         assert_eq!(slot_boot_state(&st, "B"), "bad");
         assert_eq!(st["next_boot"], "A");
-        vm.send("poweroff");
-        vm.wait_for("reboot: Power down", BOOT);
-        vm.power_cut();
+        vm.shutdown(BOOT);
         assert!(!vm_output_has_reboot(
             &a.work.join("logs/tampered.serial.log")
         ));

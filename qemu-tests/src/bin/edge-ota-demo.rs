@@ -35,8 +35,6 @@ fn main() {
     vm.wait_for("edge-init: ready", boot);
     vm.ok("true", boot);
     let status = vm.ok("edge-ota status", boot);
-    vm.send("poweroff");
-    let _ = vm.wait_any(&["reboot: Power down"], Duration::from_secs(60));
-    vm.power_cut();
+    vm.shutdown(Duration::from_secs(60));
     println!("\n== guest status after the update:\n{}", status.trim());
 }
