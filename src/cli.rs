@@ -2,15 +2,18 @@
 //! people; `--json` output is versioned and is what programs should read.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::bootloader;
-use crate::bundle::reader::BundleHead;
+use crate::bundle::head::BundleHead;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::health::Verdict;
 use crate::install::{self, ApplyOptions};
+use crate::lock::OpLock;
 use crate::progress::Progress;
 use crate::source::Source;
 
@@ -27,8 +30,17 @@ pub struct Cli {
     /// Print machine-readable JSON (with a "version" field) instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// When another edge-ota command holds the lock, wait for it (up to SECS seconds,
+    /// default 600) instead of failing at once.
+    #[arg(long, global = true, value_name = "SECS", num_args = 0..=1, default_missing_value = "600")]
+    pub wait: Option<u64>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Boot attempts the bootloader scripts can count (a single digit).
+fn tries_arg() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=9)
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,8 +52,8 @@ pub enum Command {
         /// Install into this slot (never the booted one).
         #[arg(long)]
         slot: Option<String>,
-        /// Boot attempts for the new slot (default: from the configuration).
-        #[arg(long)]
+        /// Boot attempts for the new slot, 1..9 (default: from the configuration).
+        #[arg(long, value_parser = tries_arg())]
         tries: Option<u32>,
         /// Do not reboot when done; the caller reboots.
         #[arg(long)]
@@ -50,26 +62,31 @@ pub enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Fully check a bundle (signatures, policy, every chunk) without writing anything.
+    /// Every check apply makes (signatures, policy, the target slot, sizes, every chunk),
+    /// writing nothing.
     Verify {
         /// Bundle path, or - for standard input.
         source: String,
+        /// Check for this target slot instead of the inactive one.
+        #[arg(long)]
+        slot: Option<String>,
     },
-    /// Show what a bundle contains. Signatures are checked when a configuration is present.
+    /// Show what a bundle contains, and who signed it when the configuration's keys verify it.
     Info {
         /// Bundle path, or - for standard input.
         source: String,
     },
-    /// Show slots, boot state, installed versions and rollbacks.
+    /// Show slots, boot state, installed versions, rollbacks and anything that needs repair.
     Status,
     /// Confirm a slot (default: the booted one). Only the booted slot can be confirmed.
     MarkGood { slot: Option<String> },
     /// Mark a slot bad (default: the booted one): it is not booted again until reinstalled.
+    /// Refused for the only known-good slot.
     MarkBad { slot: Option<String> },
     /// Boot SLOT next, with a limited number of tries (manual switch).
     MarkActive {
         slot: String,
-        #[arg(long)]
+        #[arg(long, value_parser = tries_arg())]
         tries: Option<u32>,
     },
     /// Health check of the booted slot: confirm it, or mark it bad and reboot.
@@ -82,7 +99,16 @@ pub enum Command {
     InitBootEnv {
         #[arg(long)]
         good: String,
+        /// The version the GOOD slot runs, recorded in state (shown by status).
+        #[arg(long)]
+        version: Option<semver::Version>,
+        /// Its security version: the anti-rollback floor starts there.
+        #[arg(long, default_value_t = 0)]
+        security_version: u64,
     },
+    /// Repair the boot environment and the state file from what can be proven (the booted
+    /// slot, recorded slot images, the floor's two copies).
+    Repair,
 }
 
 fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) {
@@ -106,10 +132,14 @@ fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) {
     }
 }
 
-/// Run a command; returns the exit code for success paths that are not 0 (health failure).
+/// Run a command; returns the exit code for success paths that are not 0.
 pub fn run(cli: Cli) -> Result<u8> {
     let json = cli.json;
-    let load = || Config::load(&cli.config);
+    let wait = cli.wait.map(Duration::from_secs);
+    let config_path = cli.config.clone();
+    let load = || Config::load(&config_path);
+    // Every command that changes the device holds the lock for its whole run.
+    let lock = |cfg: &Config, name: &str| OpLock::acquire(&cfg.state_dir, name, wait);
     match cli.command {
         Command::Apply {
             source,
@@ -119,6 +149,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             quiet,
         } => {
             let cfg = load()?;
+            let _lock = lock(&cfg, "apply")?;
             let mut bl = bootloader::open(&cfg)?;
             let mut src = Source::open(&source)?;
             let opts = ApplyOptions { slot, tries };
@@ -140,19 +171,21 @@ pub fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Verify { source } => {
+        Command::Verify { source, slot } => {
             let cfg = load()?;
-            let state = crate::state::StateStore::new(&cfg.state_dir).load()?;
+            let bl = bootloader::open(&cfg)?;
             let mut src = Source::open(&source)?;
-            let v = install::verify_all(&cfg, &mut src, state.min_security_version)?;
+            let opts = ApplyOptions { slot, tries: None };
+            let v = install::verify_all(&cfg, bl.as_ref(), &mut src, &opts)?;
             print(json, &v, || {
                 format!(
-                    "OK: {} version {} (security version {}), {} payload(s), signed by {}\n",
+                    "OK: {} version {} (security version {}), {} payload(s), signed by {}; it would go to slot {}\n",
                     v.compatible,
                     v.bundle_version,
                     v.security_version,
                     v.payloads,
-                    v.signers.join(", ")
+                    v.signers.join(", "),
+                    v.target
                 )
             });
             Ok(0)
@@ -161,28 +194,33 @@ pub fn run(cli: Cli) -> Result<u8> {
             let mut src = Source::open(&source)?;
             let head = BundleHead::read(&mut src.reader)?;
             let manifest = head.parse_unverified()?;
-            let verified = match load() {
-                Ok(cfg) => Some(head.verify(&cfg.trusted_keys()?).map(|v| v.signers)),
-                Err(_) => None,
+            // Only keys the configuration trusts can say who signed; without a configuration
+            // nothing is verified, and a broken configuration is an error, not "no config".
+            let verified = if config_path.exists() {
+                let cfg = load()?;
+                Some(head.verify(&cfg.trusted_keys()?).map(|v| v.signers))
+            } else {
+                None
             };
             let info = BundleInfo {
                 bundle_id: crate::bundle::Manifest::id(&head.manifest_bytes).to_hex(),
-                signatures: head
-                    .signatures
-                    .signatures
-                    .iter()
-                    .map(|s| s.key_id.clone())
-                    .collect(),
-                verified: match &verified {
-                    Some(Ok(_)) => "yes",
-                    Some(Err(_)) => "no",
-                    None => "not checked (no configuration)",
+                verified_signers: match &verified {
+                    Some(Ok(s)) => s.clone(),
+                    _ => Vec::new(),
+                },
+                verification: match &verified {
+                    Some(Ok(_)) => "verified".into(),
+                    Some(Err(e)) => format!("FAILED: {e}"),
+                    None => format!(
+                        "not verified: no configuration at {} (nothing below is trusted)",
+                        config_path.display()
+                    ),
                 },
                 manifest: &manifest,
             };
             print(json, &info, || info.render());
             if let Some(Err(e)) = verified {
-                return Err(e);
+                return Err(e.into());
             }
             Ok(0)
         }
@@ -195,6 +233,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Command::MarkGood { slot } => {
             let cfg = load()?;
+            let _lock = lock(&cfg, "mark-good")?;
             let mut bl = bootloader::open(&cfg)?;
             let s = crate::control::mark_good(&cfg, bl.as_mut(), slot.as_deref())?;
             print(
@@ -206,6 +245,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Command::MarkBad { slot } => {
             let cfg = load()?;
+            let _lock = lock(&cfg, "mark-bad")?;
             let mut bl = bootloader::open(&cfg)?;
             let s = crate::control::mark_bad(&cfg, bl.as_mut(), slot.as_deref())?;
             print(
@@ -217,6 +257,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Command::MarkActive { slot, tries } => {
             let cfg = load()?;
+            let _lock = lock(&cfg, "mark-active")?;
             let mut bl = bootloader::open(&cfg)?;
             let tries = tries.unwrap_or(cfg.tries);
             crate::control::mark_active(&cfg, bl.as_mut(), &slot, tries)?;
@@ -229,33 +270,71 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Command::Health { no_reboot } => {
             let cfg = load()?;
+            let _lock = lock(&cfg, "health")?;
             let mut bl = bootloader::open(&cfg)?;
             let verdict = crate::health::run(&cfg, bl.as_mut())?;
             print(json, &verdict, || match &verdict {
-                crate::health::Verdict::AlreadyGood { slot } => {
+                Verdict::AlreadyGood { slot } => {
                     format!("slot {slot}: already good; boot recorded healthy\n")
                 }
-                crate::health::Verdict::Confirmed { slot } => {
-                    format!("slot {slot}: healthy, marked good\n")
-                }
-                crate::health::Verdict::Failed { slot, reason } => {
+                Verdict::Confirmed { slot } => format!("slot {slot}: healthy, marked good\n"),
+                Verdict::Failed { slot, reason } => {
                     format!("slot {slot}: UNHEALTHY ({reason}); marked bad\n")
                 }
-            });
-            if let crate::health::Verdict::Failed { reason, .. } = verdict {
-                if !no_reboot {
-                    reboot()?;
+                Verdict::Unjudged { slot, reason } => {
+                    format!("slot {slot}: NOT CONFIRMED ({reason}); it keeps running\n")
                 }
-                return Err(Error::HealthFailed(reason));
+            });
+            match verdict {
+                Verdict::Failed { reason, .. } => {
+                    if !no_reboot {
+                        drop(_lock);
+                        reboot()?;
+                    }
+                    Err(Error::HealthFailed(reason))
+                }
+                Verdict::Unjudged { slot, reason } => Err(Error::Unjudgeable { slot, reason }),
+                _ => Ok(0),
             }
-            Ok(0)
         }
-        Command::InitBootEnv { good } => {
+        Command::InitBootEnv {
+            good,
+            version,
+            security_version,
+        } => {
             let cfg = load()?;
+            let _lock = lock(&cfg, "init-boot-env")?;
             cfg.slot(&good)?;
             bootloader::init(&cfg, &good)?;
+            let store = crate::state::StateStore::new(&cfg.state_dir);
+            let mut state = store.load().unwrap_or_default();
+            let rec = state.slot_mut(&good);
+            rec.status = crate::state::SlotStatus::Installed;
+            rec.version = version.map(|v| v.to_string());
+            rec.security_version = Some(security_version);
+            rec.confirmed_at = Some(crate::verify::unix_now()?);
+            let mut bl = bootloader::open(&cfg)?;
+            crate::control::raise_floor(&mut state, bl.as_mut(), security_version)?;
+            store.save(&state)?;
             print(json, &serde_json::json!({"good": good}), || {
                 format!("boot environment written; slot {good} boots\n")
+            });
+            Ok(0)
+        }
+        Command::Repair => {
+            let cfg = load()?;
+            let _lock = lock(&cfg, "repair")?;
+            let report = crate::repair::repair(&cfg)?;
+            print(json, &report, || {
+                if report.actions.is_empty() {
+                    "nothing to repair\n".to_string()
+                } else {
+                    report
+                        .actions
+                        .iter()
+                        .map(|a| format!("repaired: {a}\n"))
+                        .collect()
+                }
             });
             Ok(0)
         }
@@ -265,8 +344,9 @@ pub fn run(cli: Cli) -> Result<u8> {
 #[derive(Serialize)]
 struct BundleInfo<'a> {
     bundle_id: String,
-    signatures: Vec<String>,
-    verified: &'static str,
+    /// Trusted keys whose signatures verified (empty unless verification passed).
+    verified_signers: Vec<String>,
+    verification: String,
     manifest: &'a crate::bundle::Manifest,
 }
 
@@ -274,15 +354,19 @@ impl BundleInfo<'_> {
     fn render(&self) -> String {
         let m = self.manifest;
         let mut s = format!(
-            "bundle {}\ncompatible: {}\nversion: {}\nsecurity version: {}\ncreated: {}\nexpires: {}\nsigned by: {}\nsignatures verified: {}\n",
+            "bundle {}\ncompatible: {}\nversion: {}\nsecurity version: {}\ncreated: {}\nexpires: {}\nsignatures: {}\nsigned by (verified): {}\n",
             self.bundle_id,
             m.compatible,
             m.version,
             m.security_version,
             m.created,
             m.expires.map_or("never".into(), |e| e.to_string()),
-            self.signatures.join(", "),
-            self.verified,
+            self.verification,
+            if self.verified_signers.is_empty() {
+                "nobody".to_string()
+            } else {
+                self.verified_signers.join(", ")
+            },
         );
         for p in &m.payloads {
             s += &format!(

@@ -26,6 +26,9 @@ pub struct Config {
     /// Mount table: a target slot mounted anywhere is refused.
     #[serde(default = "default_mountinfo")]
     pub mountinfo: PathBuf,
+    /// sysfs: a target slot held by device-mapper or md (`holders/`) is refused.
+    #[serde(default = "default_sysfs")]
+    pub sysfs: PathBuf,
     /// Boot attempts a new slot gets before the bootloader falls back.
     #[serde(default = "default_tries")]
     pub tries: u32,
@@ -37,7 +40,7 @@ pub struct Config {
     pub slots: Vec<SlotConfig>,
     pub bootloader: BootloaderConfig,
     #[serde(default)]
-    pub health: crate::health::HealthConfig,
+    pub health: HealthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +89,177 @@ pub enum BackendKind {
     File,
 }
 
+/// The per-boot health gate (`[health]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// All required probes must pass together before this deadline.
+    #[serde(default = "default_deadline")]
+    pub deadline_secs: u64,
+    /// Pause between rounds of probes.
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    /// Watchdog device to pet until the verdict (e.g. /dev/watchdog).
+    #[serde(default)]
+    pub watchdog: Option<PathBuf>,
+    /// Confirm a slot although no required probe checks anything. Off by default: with
+    /// nothing checked, "healthy" would mean "booted", which the bootloader already knows.
+    #[serde(default)]
+    pub allow_no_probes: bool,
+    #[serde(default, rename = "probe")]
+    pub probes: Vec<ProbeConfig>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            deadline_secs: default_deadline(),
+            interval_ms: default_interval(),
+            watchdog: None,
+            allow_no_probes: false,
+            probes: Vec::new(),
+        }
+    }
+}
+
+impl HealthConfig {
+    /// Required probes: the ones that decide the verdict.
+    pub fn required(&self) -> usize {
+        self.probes.iter().filter(|p| p.required).count()
+    }
+}
+
+/// One health probe (`[[health.probe]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawProbe")]
+pub struct ProbeConfig {
+    pub name: String,
+    /// Required probes decide the verdict; optional ones are only logged.
+    pub required: bool,
+    pub timeout_secs: u64,
+    pub check: Check,
+}
+
+/// What a probe checks.
+#[derive(Debug, Clone)]
+pub enum Check {
+    /// Exit status 0 passes. `command` is argv (no shell).
+    Command { command: Vec<String> },
+    /// A 2xx answer passes. `ca_file` is a PEM CA for https (e.g. the cluster CA).
+    Http {
+        url: String,
+        ca_file: Option<PathBuf>,
+    },
+    /// A completed TCP connect passes.
+    Tcp { address: String },
+    /// The path existing passes.
+    File { path: PathBuf },
+}
+
+/// A probe as written: every field of every kind, unknown ones refused (serde cannot refuse
+/// unknown fields through a flattened tagged enum), then checked for its kind.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    name: String,
+    #[serde(default = "yes")]
+    required: bool,
+    #[serde(default = "default_probe_timeout")]
+    timeout_secs: u64,
+    kind: String,
+    command: Option<Vec<String>>,
+    url: Option<String>,
+    ca_file: Option<PathBuf>,
+    address: Option<String>,
+    path: Option<PathBuf>,
+}
+
+impl TryFrom<RawProbe> for ProbeConfig {
+    type Error = String;
+    fn try_from(r: RawProbe) -> std::result::Result<Self, String> {
+        let stray = |allowed: &[&str]| -> std::result::Result<(), String> {
+            let given = [
+                ("command", r.command.is_some()),
+                ("url", r.url.is_some()),
+                ("ca_file", r.ca_file.is_some()),
+                ("address", r.address.is_some()),
+                ("path", r.path.is_some()),
+            ];
+            match given.iter().find(|(f, set)| *set && !allowed.contains(f)) {
+                Some((f, _)) => Err(format!(
+                    "health probe {:?}: `{f}` does not apply to kind {:?}",
+                    r.name, r.kind
+                )),
+                None => Ok(()),
+            }
+        };
+        let missing = |f: &str| format!("health probe {:?}: kind {:?} needs `{f}`", r.name, r.kind);
+        let check = match r.kind.as_str() {
+            "command" => {
+                stray(&["command"])?;
+                Check::Command {
+                    command: r.command.clone().ok_or_else(|| missing("command"))?,
+                }
+            }
+            "http" => {
+                stray(&["url", "ca_file"])?;
+                Check::Http {
+                    url: r.url.clone().ok_or_else(|| missing("url"))?,
+                    ca_file: r.ca_file.clone(),
+                }
+            }
+            "tcp" => {
+                stray(&["address"])?;
+                Check::Tcp {
+                    address: r.address.clone().ok_or_else(|| missing("address"))?,
+                }
+            }
+            "file" => {
+                stray(&["path"])?;
+                Check::File {
+                    path: r.path.clone().ok_or_else(|| missing("path"))?,
+                }
+            }
+            other => {
+                return Err(format!(
+                    "health probe {:?}: unknown kind {other:?} (command, http, tcp, file)",
+                    r.name
+                ))
+            }
+        };
+        Ok(ProbeConfig {
+            name: r.name,
+            required: r.required,
+            timeout_secs: r.timeout_secs,
+            check,
+        })
+    }
+}
+
+/// Bounds of every duration and count in the configuration: a typo must be a configuration
+/// error, not an overflow or a gate that never ends.
+pub mod bounds {
+    pub const DEADLINE_SECS: std::ops::RangeInclusive<u64> = 1..=86_400;
+    pub const INTERVAL_MS: std::ops::RangeInclusive<u64> = 10..=600_000;
+    pub const PROBE_TIMEOUT_SECS: std::ops::RangeInclusive<u64> = 1..=3_600;
+    pub const TRIES: std::ops::RangeInclusive<u32> = 1..=9;
+    pub const PROBES: usize = 64;
+    pub const KEYS: usize = 32;
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_probe_timeout() -> u64 {
+    5
+}
+fn default_deadline() -> u64 {
+    300
+}
+fn default_interval() -> u64 {
+    2000
+}
+
 fn default_state_dir() -> PathBuf {
     "/var/lib/edge-ota".into()
 }
@@ -94,6 +268,9 @@ fn default_cmdline() -> PathBuf {
 }
 fn default_mountinfo() -> PathBuf {
     "/proc/self/mountinfo".into()
+}
+fn default_sysfs() -> PathBuf {
+    "/sys".into()
 }
 fn default_tries() -> u32 {
     3
@@ -152,10 +329,22 @@ impl Config {
                 }
             }
         }
+        check_slots_distinct(&c.slots).map_err(err)?;
         if c.trust.keys.is_empty() {
             return Err(err(
                 "trust.keys is empty: no bundle could ever be accepted".into()
             ));
+        }
+        if c.trust.keys.len() > bounds::KEYS {
+            return Err(err(format!("more than {} trust.keys", bounds::KEYS)));
+        }
+        for (i, k) in c.trust.keys.iter().enumerate() {
+            if c.trust.keys[..i].contains(k) {
+                return Err(err(format!(
+                    "trust.keys lists {} twice: a threshold counts distinct keys",
+                    k.display()
+                )));
+            }
         }
         if c.trust.threshold == 0 || c.trust.threshold > c.trust.keys.len() {
             return Err(err(format!(
@@ -164,21 +353,24 @@ impl Config {
                 c.trust.keys.len()
             )));
         }
-        if c.tries == 0 || c.tries > 9 {
+        if !bounds::TRIES.contains(&c.tries) {
             return Err(err(format!("tries {} must be 1..9", c.tries)));
         }
+        check_health(&c.health).map_err(err)?;
         Ok(c)
     }
 
-    /// The trusted keys, loaded.
-    pub fn trusted_keys(&self) -> Result<crate::verify::TrustedKeys> {
+    /// The trusted keys, loaded. Two files holding the same key are refused: the threshold
+    /// counts distinct keys.
+    pub fn trusted_keys(&self) -> Result<crate::bundle::signature::TrustedKeys> {
+        use crate::bundle::signature::{read_public_key, TrustedKeys};
         let keys = self
             .trust
             .keys
             .iter()
-            .map(|p| crate::verify::read_public_key(p))
-            .collect::<Result<Vec<_>>>()?;
-        crate::verify::TrustedKeys::new(keys, self.trust.threshold)
+            .map(|p| read_public_key(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TrustedKeys::new(keys, self.trust.threshold)?)
     }
 
     pub fn slot(&self, name: &str) -> Result<&SlotConfig> {
@@ -187,6 +379,101 @@ impl Config {
             .find(|s| s.name == name)
             .ok_or_else(|| Error::Slot(format!("no slot named {name:?} in the configuration")))
     }
+}
+
+/// Two slots must never name the same device, partition or file directory, nor one file
+/// directory inside another: an apply to one would overwrite the other. (The devices are
+/// compared again by identity, after resolving links, when an apply opens them.)
+fn check_slots_distinct(slots: &[SlotConfig]) -> std::result::Result<(), String> {
+    for (i, s) in slots.iter().enumerate() {
+        for o in &slots[..i] {
+            let same = |a: &Option<PathBuf>, b: &Option<PathBuf>| matches!((a, b), (Some(a), Some(b)) if normalize(a) == normalize(b));
+            if same(&s.device, &o.device) {
+                return Err(format!(
+                    "slots {:?} and {:?} name the same device",
+                    o.name, s.name
+                ));
+            }
+            if s.partlabel.is_some() && s.partlabel == o.partlabel {
+                return Err(format!(
+                    "slots {:?} and {:?} name the same partition",
+                    o.name, s.name
+                ));
+            }
+            if let (Some(a), Some(b)) = (&s.files_dir, &o.files_dir) {
+                let (a, b) = (normalize(a), normalize(b));
+                if a.starts_with(&b) || b.starts_with(&a) {
+                    return Err(format!(
+                        "slots {:?} and {:?} share a files_dir ({} and {})",
+                        o.name,
+                        s.name,
+                        b.display(),
+                        a.display()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A path without `.` components, repeated or trailing slashes (lexically: no link is followed).
+fn normalize(p: &Path) -> PathBuf {
+    p.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
+fn check_health(h: &HealthConfig) -> std::result::Result<(), String> {
+    if !bounds::DEADLINE_SECS.contains(&h.deadline_secs) {
+        return Err(format!(
+            "health.deadline_secs {} must be {}..={}",
+            h.deadline_secs,
+            bounds::DEADLINE_SECS.start(),
+            bounds::DEADLINE_SECS.end()
+        ));
+    }
+    if !bounds::INTERVAL_MS.contains(&h.interval_ms) {
+        return Err(format!(
+            "health.interval_ms {} must be {}..={}",
+            h.interval_ms,
+            bounds::INTERVAL_MS.start(),
+            bounds::INTERVAL_MS.end()
+        ));
+    }
+    if h.probes.len() > bounds::PROBES {
+        return Err(format!("more than {} health probes", bounds::PROBES));
+    }
+    for (i, p) in h.probes.iter().enumerate() {
+        if p.name.is_empty() || h.probes[..i].iter().any(|o| o.name == p.name) {
+            return Err(format!(
+                "health probe name {:?} is empty or repeated",
+                p.name
+            ));
+        }
+        if !bounds::PROBE_TIMEOUT_SECS.contains(&p.timeout_secs) {
+            return Err(format!(
+                "health probe {:?}: timeout_secs {} must be {}..={}",
+                p.name,
+                p.timeout_secs,
+                bounds::PROBE_TIMEOUT_SECS.start(),
+                bounds::PROBE_TIMEOUT_SECS.end()
+            ));
+        }
+        if let Check::Command { command } = &p.check {
+            if command.is_empty() {
+                return Err(format!("health probe {:?}: empty command", p.name));
+            }
+        }
+    }
+    if h.required() == 0 && !h.allow_no_probes {
+        return Err(
+            "no required health probe: a slot would be confirmed without anything being checked \
+             (add a [[health.probe]], or set health.allow_no_probes = true to accept that)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -206,7 +493,17 @@ device = "/dev/vda4"
 [bootloader]
 backend = "grub"
 path = "/boot/grub/grubenv"
+[[health.probe]]
+name = "kubelet"
+kind = "http"
+url = "http://127.0.0.1:10248/healthz"
 "#;
+
+    fn refused(text: &str) -> String {
+        Config::parse(text, Path::new("c.toml"))
+            .unwrap_err()
+            .to_string()
+    }
 
     #[test]
     fn minimal_config_parses_with_defaults() {
@@ -234,5 +531,73 @@ path = "/boot/grub/grubenv"
     fn unknown_key_is_refused() {
         let bad = format!("{OK}\nfoo = 1\n");
         assert!(Config::parse(&bad, Path::new("c.toml")).is_err());
+    }
+
+    #[test]
+    fn config_without_required_probe_is_refused_unless_allowed() {
+        let none = OK.replace("[[health.probe]]\nname = \"kubelet\"\nkind = \"http\"\nurl = \"http://127.0.0.1:10248/healthz\"\n", "");
+        assert!(refused(&none).contains("no required health probe"));
+        let optional = OK.replace("kind = \"http\"", "required = false\nkind = \"http\"");
+        assert!(refused(&optional).contains("no required health probe"));
+        let allowed = none.replace(
+            "[bootloader]",
+            "[health]\nallow_no_probes = true\n[bootloader]",
+        );
+        assert!(
+            Config::parse(&allowed, Path::new("c.toml"))
+                .unwrap()
+                .health
+                .allow_no_probes
+        );
+    }
+
+    #[test]
+    fn huge_health_deadline_is_a_configuration_error_not_a_panic() {
+        let bad = OK.replace(
+            "[bootloader]",
+            "[health]\ndeadline_secs = 9223372036854775807\n[bootloader]",
+        );
+        assert!(refused(&bad).contains("health.deadline_secs"));
+        let bad = OK.replace("[bootloader]", "[health]\ninterval_ms = 0\n[bootloader]");
+        assert!(refused(&bad).contains("health.interval_ms"));
+        let bad = OK.replace("url = ", "timeout_secs = 99999999\nurl = ");
+        assert!(refused(&bad).contains("timeout_secs"));
+    }
+
+    #[test]
+    fn two_slots_on_the_same_device_are_refused() {
+        let bad = OK.replace("/dev/vda4", "/dev/./vda3");
+        assert!(refused(&bad).contains("name the same device"));
+    }
+
+    #[test]
+    fn two_slots_sharing_a_files_dir_are_refused() {
+        let bad = OK
+            .replace(
+                "device = \"/dev/vda3\"",
+                "device = \"/dev/vda3\"\nfiles_dir = \"/var/s\"",
+            )
+            .replace(
+                "device = \"/dev/vda4\"",
+                "device = \"/dev/vda4\"\nfiles_dir = \"/var/s/B\"",
+            );
+        assert!(refused(&bad).contains("share a files_dir"));
+    }
+
+    #[test]
+    fn unknown_probe_field_is_refused() {
+        let bad = OK.replace("url = ", "urll = \"x\"\nurl = ");
+        assert!(refused(&bad).contains("unknown field `urll`"));
+        let bad = OK.replace("url = ", "path = \"/x\"\nurl = ");
+        assert!(refused(&bad).contains("`path` does not apply to kind \"http\""));
+    }
+
+    #[test]
+    fn same_key_listed_twice_is_refused() {
+        let bad = OK.replace(
+            "keys = [\"/k.pub\"]",
+            "keys = [\"/k.pub\", \"/k.pub\"]\nthreshold = 2",
+        );
+        assert!(refused(&bad).contains("twice"));
     }
 }

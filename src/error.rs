@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use crate::bootloader::BootError;
+use crate::fsutil::FsError;
 
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -28,6 +29,11 @@ pub enum Error {
     Boot(#[from] BootError),
     #[error("health check failed: {0}")]
     HealthFailed(String),
+    /// The health gate could not judge the booted slot (its state or the boot environment is
+    /// unreadable, or the slot is marked bad or half-installed): nothing was marked good, the
+    /// slot keeps running.
+    #[error("health check cannot confirm slot {slot}: {reason}")]
+    Unjudgeable { slot: String, reason: String },
 
     #[error("malformed bundle: {0}")]
     Format(String),
@@ -49,8 +55,12 @@ pub enum Error {
     WrongCompatible { bundle: String, device: String },
     #[error("downgrade refused: bundle security version {bundle} is below the installed minimum {minimum}")]
     Downgrade { bundle: u64, minimum: u64 },
-    #[error("bundle expired at {expires} (now {now}, unix seconds)")]
-    Expired { expires: u64, now: u64 },
+    #[error("bundle expired at {expires} (now {now}, unix seconds{})", if *clock_behind { "; the clock is behind the newest time this device has seen, which is used instead" } else { "" })]
+    Expired {
+        expires: u64,
+        now: u64,
+        clock_behind: bool,
+    },
     #[error("payload {payload:?} ({size} bytes) is larger than {target} ({capacity} bytes)")]
     TooLarge {
         payload: String,
@@ -60,6 +70,14 @@ pub enum Error {
     },
     #[error("slot: {0}")]
     Slot(String),
+    /// Writing the target would destroy the only slot known to boot.
+    #[error("{0}")]
+    OnlyGoodSlot(String),
+    /// Another edge-ota command holds the lock.
+    #[error("another edge-ota operation is running ({0})")]
+    Busy(String),
+    #[error("clock: {0}")]
+    Clock(String),
 }
 
 impl Error {
@@ -80,6 +98,7 @@ impl Error {
             Error::State { .. } => 5,
             Error::Boot(_) => 6,
             Error::HealthFailed(_) => 7,
+            Error::Unjudgeable { .. } => 8,
             Error::Format(_) => 10,
             Error::Truncated(_) => 11,
             Error::Limit(_) => 12,
@@ -92,6 +111,39 @@ impl Error {
             Error::Expired { .. } => 19,
             Error::TooLarge { .. } => 20,
             Error::Slot(_) => 21,
+            Error::OnlyGoodSlot(_) => 22,
+            Error::Busy(_) => 23,
+            Error::Clock(_) => 24,
+        }
+    }
+}
+
+impl From<crate::bundle::Error> for Error {
+    fn from(e: crate::bundle::Error) -> Self {
+        use crate::bundle::Error as F;
+        match e {
+            F::Malformed(s) => Error::Format(s),
+            F::Truncated(s) => Error::Truncated(s),
+            F::Limit(s) => Error::Limit(s),
+            F::Unsigned => Error::Unsigned,
+            F::UnknownKey(s) => Error::UnknownKey(s),
+            F::BadSignature(s) => Error::BadSignature(s),
+            F::BelowThreshold { have, need } => Error::BelowThreshold { have, need },
+            F::Key { path, reason } => Error::Config { path, reason },
+            F::Trust(reason) => Error::Config {
+                path: "[trust]".into(),
+                reason,
+            },
+            F::Io { context, source } => Error::Io { context, source },
+        }
+    }
+}
+
+impl From<FsError> for Error {
+    fn from(e: FsError) -> Self {
+        Error::Io {
+            context: e.context,
+            source: e.source,
         }
     }
 }

@@ -1,10 +1,12 @@
 //! edge-ota: A/B over-the-air updates for immutable edge Linux.
 //!
-//! Layout by concern: [`bundle`] (format, reading, writing), [`verify`] (keys, signatures,
-//! policy), [`source`] (where bundles come from), [`slot`] (devices, booted slot),
-//! [`install`] (the streaming apply pipeline), [`bootloader`] (backends behind one trait),
-//! [`health`] (probes and verdict), [`control`] (mark-good/bad/active, status), [`state`]
-//! (persistent, atomic), [`config`], [`error`] (exit codes), [`cli`].
+//! Layout by concern, in pipeline order: [`source`] (where bundles come from), [`bundle`] (the
+//! shared format, re-exported, plus checked chunk decoding), [`verify`] (policy: compatible,
+//! expiry against a trusted clock, anti-rollback), [`slot`] (devices, booted slot, identity),
+//! [`install`] (plan and the streaming apply pipeline), [`bootloader`] (backends behind one
+//! trait), [`health`] (probes and verdict); then [`control`] (mark-good/bad/active, the
+//! known-good rule, the floor, status), [`repair`], [`lock`] (one operation at a time),
+//! [`state`] (persistent, atomic via [`fsutil`]), [`config`], [`error`] (exit codes), [`cli`].
 
 pub mod bootloader;
 pub mod bundle;
@@ -13,12 +15,17 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod failpoint;
+pub mod fsutil;
 pub mod health;
 pub mod install;
+pub mod lock;
 pub mod progress;
+pub mod repair;
 pub mod slot;
 pub mod source;
 pub mod state;
+#[doc(hidden)]
+pub mod testing;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -119,29 +119,147 @@ pub fn resolve(cfg: &Config, slot: &SlotConfig) -> Result<SlotDevice> {
     })
 }
 
-/// Refuse a block device that is mounted anywhere (the running root above all): the kernel
-/// command line could be wrong, the mount table cannot. `mountinfo` is normally
-/// `/proc/self/mountinfo`.
-pub fn ensure_not_mounted(path: &Path, mountinfo: &Path) -> Result<()> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+/// Refuse a target that something else uses. For a block device: mounted anywhere (the
+/// running root above all: the kernel command line could be wrong, the mount table cannot),
+/// held by device-mapper or md (`holders/` in sysfs), or refused by the kernel for an
+/// exclusive open (which catches both, and any other exclusive user). An unreadable mount
+/// table is a refusal, not a pass. `mountinfo` is normally `/proc/self/mountinfo`, `sysfs`
+/// `/sys`.
+pub fn ensure_not_busy(path: &Path, mountinfo: &Path, sysfs: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
     let meta = std::fs::metadata(path).ctx(|| format!("opening {}", path.display()))?;
     if !meta.file_type().is_block_device() {
         return Ok(());
     }
     let rdev = meta.rdev();
     let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
-    let table = match std::fs::read_to_string(mountinfo) {
-        Ok(t) => t,
-        // No mount table (not Linux, or no /proc): nothing more to check.
-        Err(_) => return Ok(()),
-    };
+    let table = std::fs::read_to_string(mountinfo).map_err(|e| {
+        Error::Slot(format!(
+            "cannot read the mount table {} ({e}): refusing to write {} without it",
+            mountinfo.display(),
+            path.display()
+        ))
+    })?;
     if let Some(point) = mounted_at(&table, major, minor) {
         return Err(Error::Slot(format!(
             "refusing to write {}: it is mounted at {point}",
             path.display()
         )));
     }
-    Ok(())
+    let holders = sysfs.join(format!("dev/block/{major}:{minor}/holders"));
+    if let Ok(dir) = std::fs::read_dir(&holders) {
+        let names: Vec<String> = dir
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if !names.is_empty() {
+            return Err(Error::Slot(format!(
+                "refusing to write {}: it is held by {} (device-mapper or md)",
+                path.display(),
+                names.join(", ")
+            )));
+        }
+    }
+    // The kernel's own answer: an exclusive open fails (EBUSY) on a device that is mounted or
+    // claimed, including by holders sysfs does not show.
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => Err(Error::Slot(format!(
+            "refusing to write {}: the kernel reports it busy (mounted or in use)",
+            path.display()
+        ))),
+        Err(e) => Err(Error::io(format!("opening {}", path.display()), e)),
+    }
+}
+
+/// What a slot's bytes are, after resolving links: the same block device (by device number),
+/// or the same file (by device and inode), and the byte range in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    object: (bool, u64, u64),
+    start: u64,
+    len: u64,
+}
+
+impl Identity {
+    pub fn of(dev: &SlotDevice, sysfs: &Path) -> Result<Identity> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let m = std::fs::metadata(&dev.path).ctx(|| format!("opening {}", dev.path.display()))?;
+        if m.file_type().is_block_device() {
+            let rdev = m.rdev();
+            let (maj, min) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+            // A partition is the byte range of its whole disk: /dev/vda3 and /dev/vda overlap.
+            let sys = sysfs.join(format!("dev/block/{maj}:{min}"));
+            let start = std::fs::read_to_string(sys.join("start"))
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok());
+            let parent = std::fs::read_to_string(sys.join("../dev"))
+                .ok()
+                .and_then(|t| {
+                    t.trim()
+                        .split_once(':')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                })
+                .and_then(|(a, b)| Some(nix::sys::stat::makedev(a.parse().ok()?, b.parse().ok()?)));
+            if let (Some(sectors), Some(disk)) = (start, parent) {
+                return Ok(Identity {
+                    object: (true, disk, 0),
+                    start: sectors * 512 + dev.offset,
+                    len: dev.size,
+                });
+            }
+            return Ok(Identity {
+                object: (true, rdev, 0),
+                start: dev.offset,
+                len: dev.size,
+            });
+        }
+        Ok(Identity {
+            object: (false, m.dev(), m.ino()),
+            start: dev.offset,
+            len: dev.size,
+        })
+    }
+
+    /// The two share at least one byte.
+    pub fn overlaps(&self, other: &Identity) -> bool {
+        self.object == other.object
+            && self.start < other.start + other.len.max(1)
+            && other.start < self.start + self.len.max(1)
+    }
+}
+
+/// Resolve every slot and refuse any two that share bytes (a symlink or hard link to the same
+/// device, a partition and its whole disk, overlapping ranges of one image file). Returns the
+/// devices in configuration order.
+pub fn resolve_all_distinct(cfg: &Config) -> Result<Vec<SlotDevice>> {
+    let devs = cfg
+        .slots
+        .iter()
+        .map(|s| resolve(cfg, s))
+        .collect::<Result<Vec<_>>>()?;
+    let ids = devs
+        .iter()
+        .map(|d| Identity::of(d, &cfg.sysfs))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, a) in ids.iter().enumerate() {
+        for (j, b) in ids[..i].iter().enumerate() {
+            if a.overlaps(b) {
+                return Err(Error::Slot(format!(
+                    "slots {:?} ({}) and {:?} ({}) resolve to the same device: refusing to write either",
+                    devs[j].name,
+                    devs[j].path.display(),
+                    devs[i].name,
+                    devs[i].path.display()
+                )));
+            }
+        }
+    }
+    Ok(devs)
 }
 
 /// Where device `major:minor` is mounted, from a mountinfo table.
@@ -208,6 +326,40 @@ fn partition_node_candidates(disk: &Path, number: u32) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unreadable_mount_table_refuses_a_block_device() {
+        // /dev/null is a character device: not a slot, nothing to check.
+        assert!(ensure_not_busy(
+            Path::new("/dev/null"),
+            Path::new("/nonexistent"),
+            Path::new("/sys")
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn hard_link_to_a_slot_file_is_the_same_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, vec![0u8; 4096]).unwrap();
+        std::fs::hard_link(&a, dir.path().join("b")).unwrap();
+        std::os::unix::fs::symlink(&a, dir.path().join("c")).unwrap();
+        let dev = |p: &str, offset: u64, size: u64| SlotDevice {
+            name: p.into(),
+            path: dir.path().join(p),
+            offset,
+            size,
+        };
+        let sys = Path::new("/sys");
+        let ia = Identity::of(&dev("a", 0, 4096), sys).unwrap();
+        assert!(ia.overlaps(&Identity::of(&dev("b", 0, 4096), sys).unwrap()));
+        assert!(ia.overlaps(&Identity::of(&dev("c", 0, 4096), sys).unwrap()));
+        // Disjoint ranges of one image file are distinct slots.
+        let lo = Identity::of(&dev("a", 0, 2048), sys).unwrap();
+        let hi = Identity::of(&dev("a", 2048, 2048), sys).unwrap();
+        assert!(!lo.overlaps(&hi));
+    }
 
     #[test]
     fn mounted_device_is_found_in_mountinfo() {

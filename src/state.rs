@@ -3,9 +3,7 @@
 //! leaves either the old or the new file, never a mix.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +52,22 @@ pub struct SlotRecord {
     /// Why the slot was last marked bad.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The image this slot holds, as written and read back: what proves the slot intact later
+    /// (a bundle without an image payload may make the slot bootable only if its bytes still
+    /// hash to this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRecord>,
+    /// Tries the bootloader was given when this slot was made primary: while it still has all
+    /// of them it has not been booted yet (pending), once fewer are left a boot was attempted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_tries: Option<u32>,
+}
+
+/// A slot image: `size` bytes from the start of the slot device, with this blake3.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub size: u64,
+    pub blake3: crate::bundle::Digest,
 }
 
 impl Default for SlotRecord {
@@ -66,6 +80,8 @@ impl Default for SlotRecord {
             installed_at: None,
             confirmed_at: None,
             failure: None,
+            image: None,
+            activated_tries: None,
         }
     }
 }
@@ -94,6 +110,10 @@ pub struct State {
     /// The last boot the health check judged: (slot, healthy, unix time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_health: Option<HealthRecord>,
+    /// The newest creation time of any bundle installed here (unix seconds): the clock may
+    /// not be trusted below it for expiry checks.
+    #[serde(default)]
+    pub newest_seen: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +133,7 @@ impl Default for State {
             slots: BTreeMap::new(),
             rollbacks: Vec::new(),
             last_health: None,
+            newest_seen: 0,
         }
     }
 }
@@ -175,40 +196,8 @@ impl StateStore {
             .ctx(|| format!("creating state directory {}", self.dir.display()))?;
         let mut bytes = serde_json::to_vec_pretty(state).expect("state serializes");
         bytes.push(b'\n');
-        write_atomic(&self.path(), &bytes)
+        Ok(crate::fsutil::write_atomic(&self.path(), &bytes, 0o644)?)
     }
-}
-
-/// Replace `path` with `bytes` atomically and durably: temp file in the same directory,
-/// fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = parent_dir(path);
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .ctx(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .ctx(|| format!("writing {}", tmp.path().display()))?;
-    persist(tmp, path)
-}
-
-/// Make a fully written temporary file (created in `path`'s directory) durable as `path`:
-/// fsync it, rename it over `path`, fsync the directory. A power cut leaves the old file or
-/// the new one, never a mix.
-pub fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
-    tmp.as_file()
-        .sync_all()
-        .ctx(|| format!("syncing {}", tmp.path().display()))?;
-    tmp.persist(path)
-        .map_err(|e| Error::io(format!("renaming into {}", path.display()), e.error))?;
-    let dir = parent_dir(path);
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .ctx(|| format!("syncing directory {}", dir.display()))
-}
-
-fn parent_dir(path: &Path) -> &Path {
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
 }
 
 #[cfg(test)]

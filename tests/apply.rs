@@ -115,9 +115,68 @@ fn info_shows_manifest_and_signers() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["version"], 1);
-    assert_eq!(v["verified"], "yes");
+    assert_eq!(v["verification"], "verified");
     assert_eq!(v["manifest"]["security_version"], 2);
-    assert_eq!(v["signatures"][0], "083283e8ebdabafd");
+    assert_eq!(v["verified_signers"][0], "083283e8ebdabafd");
+}
+
+#[test]
+fn info_without_configuration_verifies_nothing_and_names_no_signer() {
+    let dev = Device::new(1 << 20);
+    let b = dev.bundle("b", &BundleOpts::default());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_edge-ota"))
+        .args(["--config", "/nonexistent/config.toml", "info"])
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("signatures: not verified: no configuration"),
+        "{text}"
+    );
+    assert!(text.contains("signed by (verified): nobody"), "{text}");
+    assert!(
+        !text.contains("083283e8ebdabafd"),
+        "claimed key id shown: {text}"
+    );
+}
+
+#[test]
+fn info_with_a_forged_key_id_names_no_signer() {
+    // Signed by an untrusted key whose entry claims the trusted key's id.
+    let dev = Device::new(1 << 20);
+    let b = dev.bundle(
+        "b",
+        &BundleOpts {
+            keys: vec!["INSECURE-demo-second.key.pem"],
+            ..Default::default()
+        },
+    );
+    let mut bytes = std::fs::read(&b).unwrap();
+    let (_, m, s, _) = layout(&b);
+    let sigs = String::from_utf8(bytes[64 + m..64 + m + s].to_vec()).unwrap();
+    let claimed = sigs.split("\"key_id\":\"").nth(1).unwrap()[..16].to_string();
+    let forged = sigs.replace(&claimed, "083283e8ebdabafd");
+    bytes.splice(64 + m..64 + m + s, forged.bytes());
+    std::fs::write(&b, &bytes).unwrap();
+    let o = dev.run(&["--json", "info", b.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(14), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["verified_signers"].as_array().unwrap().len(), 0);
+    assert!(v["verification"]
+        .as_str()
+        .unwrap()
+        .starts_with("FAILED: bad signature"));
+}
+
+#[test]
+fn info_with_a_broken_configuration_is_a_configuration_error() {
+    let dev = Device::new(1 << 20);
+    let b = dev.bundle("b", &BundleOpts::default());
+    std::fs::write(&dev.config, "compatible = 1\n").unwrap();
+    let o = dev.run(&["info", b.to_str().unwrap()]);
+    assert_refused(&o, 3, "configuration");
 }
 
 #[test]

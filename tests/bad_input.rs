@@ -139,7 +139,7 @@ fn flipped_bit_in_each_chunk_is_refused() {
     let (_, _, _, payload) = layout(&b);
     let m = {
         let mut f = std::fs::File::open(&b).unwrap();
-        edge_ota::bundle::reader::BundleHead::read(&mut f)
+        edge_ota::bundle::head::BundleHead::read(&mut f)
             .unwrap()
             .parse_unverified()
             .unwrap()
@@ -243,7 +243,7 @@ fn resigned(
     let mut manifest: serde_json::Value = serde_json::from_slice(&bytes[64..64 + m]).unwrap();
     edit(&mut manifest);
     let mbytes = serde_json::to_vec(&manifest).unwrap();
-    let sigs = edge_ota::verify::Signatures::sign(&mbytes, &[signing_key("INSECURE-demo.key.pem")]);
+    let sigs = edge_ota_format::build::keys::sign(&mbytes, &[signing_key("INSECURE-demo.key.pem")]);
     let sbytes = serde_json::to_vec(&sigs).unwrap();
     let mut header = bytes[..64].to_vec();
     header[16..24].copy_from_slice(&(mbytes.len() as u64).to_le_bytes());

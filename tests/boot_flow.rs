@@ -7,16 +7,8 @@ mod common;
 use common::*;
 use edge_ota::bootloader::SlotBootState;
 
-/// Power on: the boot script picks a slot (using up a try) and the kernel command line names
-/// it.
 fn boot(dev: &Device) -> String {
-    let slot = dev
-        .bootloader()
-        .select_and_count()
-        .unwrap()
-        .expect("a bootable slot");
-    dev.set_booted(&slot);
-    slot
+    dev.boot()
 }
 
 fn apply_v2(dev: &Device, tries: &str) {
@@ -196,8 +188,19 @@ fn unknown_slot_name_is_refused() {
 fn corrupt_boot_environment_is_an_error_not_a_default() {
     let dev = Device::new(1 << 20);
     std::fs::write(dev.path("bootenv"), "EDGE_ORDER=A B\nEDGE_A_STATE=good\n").unwrap();
-    let o = dev.run(&["status"]);
+    let b = dev.bundle("b", &BundleOpts::default());
+    let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
     assert_refused(&o, 6, "corrupt: EDGE_B_STATE is missing");
+    // status still reports, says what is wrong and how to repair it.
+    let o = dev.run(&["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("PROBLEM:")
+            && text.contains("EDGE_B_STATE is missing")
+            && text.contains("edge-ota repair"),
+        "{text}"
+    );
 }
 
 #[test]

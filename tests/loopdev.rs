@@ -128,9 +128,10 @@ impl Drop for Loop {
 
 #[test]
 fn slots_by_partlabel_on_a_loop_device() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!(
-            "SKIP slots_by_partlabel_on_a_loop_device: needs root for losetup (CI runs as root)"
+    if !edge_ota::testing::is_root() {
+        edge_ota::testing::skip(
+            "slots_by_partlabel_on_a_loop_device",
+            "needs root for losetup (CI runs as root)",
         );
         return;
     }
@@ -158,8 +159,11 @@ fn slots_by_partlabel_on_a_loop_device() {
 
 #[test]
 fn mounted_target_is_refused_even_if_the_cmdline_says_otherwise() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIP mounted_target_is_refused_even_if_the_cmdline_says_otherwise: needs root for losetup and mount");
+    if !edge_ota::testing::is_root() {
+        edge_ota::testing::skip(
+            "mounted_target_is_refused_even_if_the_cmdline_says_otherwise",
+            "needs root for losetup and mount",
+        );
         return;
     }
     let dev = Device::new(16);
@@ -194,8 +198,11 @@ fn mounted_target_is_refused_even_if_the_cmdline_says_otherwise() {
 
 #[test]
 fn file_payloads_larger_than_free_space_are_refused_before_writing() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIP file_payloads_larger_than_free_space_are_refused_before_writing: needs root to mount a small tmpfs");
+    if !edge_ota::testing::is_root() {
+        edge_ota::testing::skip(
+            "file_payloads_larger_than_free_space_are_refused_before_writing",
+            "needs root to mount a small tmpfs",
+        );
         return;
     }
     let dev = Device::new(1 << 20);

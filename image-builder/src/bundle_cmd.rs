@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use edge_ota::bundle::reader::BundleHead;
-use edge_ota::bundle::writer::{self, BundleSpec, Chunking, PayloadInput};
-use edge_ota::bundle::PayloadKind;
 use edge_ota::error::{Error, IoContext, Result};
-use edge_ota::verify;
+use edge_ota_format::build::keys;
+use edge_ota_format::build::writer::{self, BundleSpec, Chunking, PayloadInput};
+use edge_ota_format::head::BundleHead;
+use edge_ota_format::signature;
+use edge_ota_format::PayloadKind;
 
 #[derive(Debug, Args)]
 pub struct KeygenArgs {
@@ -83,7 +84,7 @@ pub struct CreateArgs {
 pub fn keygen(a: KeygenArgs) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let (private, public) = verify::generate_key_pem()?;
+    let (private, public) = keys::generate_key_pem()?;
     let key_path = PathBuf::from(format!("{}.key.pem", a.out.display()));
     let pub_path = PathBuf::from(format!("{}.pub.pem", a.out.display()));
     std::fs::OpenOptions::new()
@@ -94,7 +95,7 @@ pub fn keygen(a: KeygenArgs) -> Result<()> {
         .and_then(|mut f| f.write_all(private.as_bytes()))
         .ctx(|| format!("writing {}", key_path.display()))?;
     std::fs::write(&pub_path, public).ctx(|| format!("writing {}", pub_path.display()))?;
-    let id = verify::key_id(&verify::read_public_key(&pub_path)?);
+    let id = signature::key_id(&signature::read_public_key(&pub_path)?);
     println!("key {id}: {} {}", key_path.display(), pub_path.display());
     Ok(())
 }
@@ -154,8 +155,8 @@ pub fn create(a: CreateArgs) -> Result<()> {
     let keys = a
         .keys
         .iter()
-        .map(|k| verify::read_private_key(k))
-        .collect::<Result<Vec<_>>>()?;
+        .map(|k| keys::read_private_key(k))
+        .collect::<Result<Vec<_>, _>>()?;
     let avg = a.chunk_kib << 10;
     let spec = BundleSpec {
         compatible: a.compatible,
@@ -182,7 +183,7 @@ pub fn create(a: CreateArgs) -> Result<()> {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
     };
-    let m = writer::create(&spec, &keys, &a.out)?;
+    let m = write_bundle(&spec, &keys, &a.out)?;
     let chunks: usize = m.payloads.iter().map(|p| p.chunks.len()).sum();
     let size: u64 = m.payloads.iter().map(|p| p.size).sum();
     let bundle_len = std::fs::metadata(&a.out)
@@ -196,6 +197,25 @@ pub fn create(a: CreateArgs) -> Result<()> {
         m.payloads.len()
     );
     Ok(())
+}
+
+/// Write the bundle next to `out` and make it durable there (a half-written bundle is never
+/// left under the final name). Bundles are public (their signature protects them): 0644.
+fn write_bundle(
+    spec: &BundleSpec,
+    keys: &[keys::SigningKey],
+    out: &std::path::Path,
+) -> Result<edge_ota_format::Manifest> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = edge_ota::fsutil::parent_dir(out);
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .ctx(|| format!("creating a temporary file in {}", dir.display()))?;
+    let m = writer::create(spec, keys, tmp.as_file_mut(), dir)?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .ctx(|| format!("setting permissions of {}", out.display()))?;
+    edge_ota::fsutil::persist(tmp, out)?;
+    Ok(m)
 }
 
 fn newest_mtime(payloads: &[PayloadInput]) -> Result<u64> {
@@ -212,9 +232,9 @@ fn newest_mtime(payloads: &[PayloadInput]) -> Result<u64> {
     Ok(newest)
 }
 
-fn read_manifest(path: &std::path::Path) -> Result<edge_ota::bundle::Manifest> {
+fn read_manifest(path: &std::path::Path) -> Result<edge_ota_format::Manifest> {
     let mut f = std::fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
-    BundleHead::read(&mut f)?.parse_unverified()
+    Ok(BundleHead::read(&mut f)?.parse_unverified()?)
 }
 
 fn reuse(old: &std::path::Path, new: &std::path::Path) -> Result<()> {

@@ -292,7 +292,7 @@ fn build() -> Artifacts {
     let mut tampered = std::fs::read(work.join("v2.eota")).unwrap();
     // One bit in the middle of a chunk of the root filesystem payload.
     let at = {
-        let head = edge_ota::bundle::reader::BundleHead::read(&mut &tampered[..]).unwrap();
+        let head = edge_ota::bundle::head::BundleHead::read(&mut &tampered[..]).unwrap();
         let rootfs = &head.parse_unverified().unwrap().payloads[0];
         let c = &rootfs.chunks[rootfs.chunks.len() / 2];
         (head.header.payload_offset() + c.offset) as usize + c.clen as usize / 2

@@ -16,7 +16,7 @@ const CMD: Duration = Duration::from_secs(120);
 macro_rules! require_qemu {
     ($name:expr) => {
         if let Some(why) = qemu_tests::skip_reason() {
-            eprintln!("SKIP {}: {why}", $name);
+            edge_ota::testing::skip($name, &why);
             return;
         }
     };
@@ -218,7 +218,7 @@ fn power_cut_during_apply_at_several_points() {
         let usb = a.usb_stick("power-cut", &a.bundle_v2);
         let chunks = {
             let mut f = std::fs::File::open(&a.bundle_v2).unwrap();
-            let head = edge_ota::bundle::reader::BundleHead::read(&mut f).unwrap();
+            let head = edge_ota::bundle::head::BundleHead::read(&mut f).unwrap();
             head.parse_unverified().unwrap().payloads[0].chunks.len()
         };
         let points = [

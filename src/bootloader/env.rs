@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use super::{BootError, Bootloader, EnvStore, SlotBootState};
 
 pub const ORDER: &str = "EDGE_ORDER";
+/// The anti-rollback floor's bootloader-side copy (the boot scripts never read it).
+pub const FLOOR: &str = "EDGE_FLOOR";
 /// Largest tries value the boot scripts can count down (they decrement with an if-chain).
 pub const MAX_TRIES: u32 = 9;
 
@@ -109,6 +111,7 @@ impl<S: EnvStore> EnvBootloader<S> {
         let mut order: Vec<String> = slots.to_vec();
         order.sort_by_key(|s| s != good);
         vars.insert(ORDER.into(), order.join(" "));
+        vars.insert(FLOOR.into(), "0".into());
         for s in slots {
             vars.insert(state_key(s), if s == good { "good" } else { "bad" }.into());
             vars.insert(tries_key(s), "0".into());
@@ -177,8 +180,33 @@ impl<S: EnvStore> Bootloader for EnvBootloader<S> {
         self.parse_state(&vars, slot)
     }
 
+    fn floor(&self) -> Result<Option<u64>, BootError> {
+        let vars = self.store.load()?;
+        match vars.get(FLOOR) {
+            None => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| self.corrupt(format!("{FLOOR}={v:?} is not a number"))),
+        }
+    }
+
+    fn set_floor(&mut self, floor: u64) -> Result<(), BootError> {
+        let (mut vars, _) = self.load_checked()?;
+        vars.insert(FLOOR.into(), floor.to_string());
+        self.store.store(&vars)
+    }
+
     fn describe(&self) -> String {
         self.store.describe()
+    }
+
+    fn check(&self) -> Vec<String> {
+        self.store.check()
+    }
+
+    fn repair(&mut self) -> Result<Vec<String>, BootError> {
+        self.store.repair()
     }
 }
 

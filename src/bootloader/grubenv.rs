@@ -8,6 +8,13 @@
 //! GRUB's `save_env` writes the file through its block list (the disk sectors it found at boot),
 //! not through a file system driver, so [`GrubEnvFile`] rewrites the existing 1024 bytes in
 //! place and never replaces the file.
+//!
+//! edge-ota keeps two copies, `grubenv` and `grubenv2` ([`GrubEnvPair`]): each carries a
+//! sequence number twice, `EDGE_SEQ` at the start of the block and `EDGE_END` in its second
+//! 512-byte sector, so a copy whose write was cut between its sectors does not validate.
+//! `grub.cfg` boots from the valid copy with the higher sequence (the first on a tie); userspace
+//! writes the other copy first, then the current one, with an fsync after each, so one valid
+//! copy always holds either the old or the new state.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -190,20 +197,21 @@ impl GrubEnvFile {
     }
 }
 
-impl EnvStore for GrubEnvFile {
-    fn load(&self) -> Result<BTreeMap<String, String>, BootError> {
+impl GrubEnvFile {
+    /// The file's bytes (at most one byte more than a block, so an oversized file is seen
+    /// without reading all of it).
+    pub fn read_block(&self) -> Result<Vec<u8>, BootError> {
         let file = File::open(&self.path).map_err(|e| BootError::io(&self.path, e))?;
-        // One byte more than a block, so an oversized file is seen without reading all of it.
         let mut block = Vec::with_capacity(BLOCK_SIZE + 1);
         file.take(BLOCK_SIZE as u64 + 1)
             .read_to_end(&mut block)
             .map_err(|e| BootError::io(&self.path, e))?;
-        parse(&block, &self.path)
+        Ok(block)
     }
 
-    fn store(&self, vars: &BTreeMap<String, String>) -> Result<(), BootError> {
-        // Serialize first: a refused variable must leave the file untouched.
-        let block = serialize(vars)?;
+    /// Rewrite the existing block in place and fsync it.
+    pub fn write_block(&self, block: &[u8]) -> Result<(), BootError> {
+        debug_assert_eq!(block.len(), BLOCK_SIZE);
         // No create, no truncate: the same inode and the same disk blocks must be rewritten.
         let file = OpenOptions::new()
             .write(true)
@@ -223,7 +231,7 @@ impl EnvStore for GrubEnvFile {
             });
         }
         let n = file
-            .write_at(&block, 0)
+            .write_at(block, 0)
             .map_err(|e| BootError::io(&self.path, e))?;
         if n != BLOCK_SIZE {
             return Err(BootError::io(
@@ -238,9 +246,356 @@ impl EnvStore for GrubEnvFile {
         crate::failpoint::hit("boot-env-write");
         file.sync_all().map_err(|e| BootError::io(&self.path, e))
     }
+}
+
+impl EnvStore for GrubEnvFile {
+    fn load(&self) -> Result<BTreeMap<String, String>, BootError> {
+        parse(&self.read_block()?, &self.path)
+    }
+
+    fn store(&self, vars: &BTreeMap<String, String>) -> Result<(), BootError> {
+        // Serialize first: a refused variable must leave the file untouched.
+        self.write_block(&serialize(vars)?)
+    }
 
     fn describe(&self) -> String {
         format!("grubenv {}", self.path.display())
+    }
+}
+
+/// Sequence number of a copy, first line after the header.
+pub const SEQ: &str = "EDGE_SEQ";
+/// The same number again, at [`END_AT`]: a write cut between the sectors leaves them unequal.
+pub const END: &str = "EDGE_END";
+/// Where the `EDGE_END` line starts: inside the block's second 512-byte sector.
+pub const END_AT: usize = 960;
+/// File name of the second copy, beside the first.
+pub const SECOND_COPY: &str = "grubenv2";
+/// Sequence numbers stay below this, so GRUB's 32-bit `-gt` on i386-pc compares them right.
+pub const MAX_SEQ: u64 = 1_000_000_000;
+
+/// One copy of a [`GrubEnvPair`] as read from disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Copy {
+    Valid {
+        seq: u64,
+        vars: BTreeMap<String, String>,
+    },
+    Invalid(String),
+    Missing,
+}
+
+/// Decode one copy: a well-formed block whose `EDGE_SEQ` is a decimal number equal, as text,
+/// to its `EDGE_END` (exactly the test `grub.cfg` makes).
+pub fn parse_copy(block: &[u8], path: &Path) -> Copy {
+    let mut vars = match parse(block, path) {
+        Ok(v) => v,
+        Err(BootError::Corrupt { reason, .. }) => return Copy::Invalid(reason),
+        Err(e) => return Copy::Invalid(e.to_string()),
+    };
+    let (seq, end) = (vars.remove(SEQ), vars.remove(END));
+    match (seq, end) {
+        (Some(s), Some(e)) if s == e && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            match s.parse() {
+                Ok(seq) => Copy::Valid { seq, vars },
+                Err(_) => Copy::Invalid(format!("{SEQ}={s:?} is out of range")),
+            }
+        }
+        (s, e) => Copy::Invalid(format!(
+            "{SEQ}={s:?} and {END}={e:?} differ or are not a number (a torn or foreign write)"
+        )),
+    }
+}
+
+/// Serialize one copy: header, `EDGE_SEQ`, the variables sorted, a comment line filling up to
+/// [`END_AT`], `EDGE_END`, `#` padding.
+pub fn serialize_copy(vars: &BTreeMap<String, String>, seq: u64) -> Result<Vec<u8>, BootError> {
+    if vars.contains_key(SEQ) || vars.contains_key(END) {
+        return Err(BootError::Invalid(format!(
+            "grubenv: {SEQ} and {END} are the store's own"
+        )));
+    }
+    let mut first = BTreeMap::new();
+    first.insert(SEQ.to_string(), seq.to_string());
+    let head = serialize(&first)?;
+    let head_len = head.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let body = serialize(vars)?;
+    let body_len = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut out = head[..head_len].to_vec();
+    out.extend_from_slice(&body[HEADER.len()..body_len]);
+    // A comment line of at least "#\n" up to END_AT.
+    if out.len() + 2 > END_AT {
+        return Err(BootError::Invalid(format!(
+            "grubenv: the variables need {} bytes, {} fit before {END}",
+            out.len(),
+            END_AT - 2
+        )));
+    }
+    out.resize(END_AT - 1, b'#');
+    out.push(b'\n');
+    out.extend_from_slice(format!("{END}={seq}\n").as_bytes());
+    out.resize(BLOCK_SIZE, b'#');
+    Ok(out)
+}
+
+/// The two copies of the boot state GRUB reads (see the module doc).
+#[derive(Debug, Clone)]
+pub struct GrubEnvPair {
+    copies: [GrubEnvFile; 2],
+}
+
+impl GrubEnvPair {
+    /// `first` is the configured grubenv; the second copy is [`SECOND_COPY`] beside it.
+    pub fn new(first: impl Into<PathBuf>) -> Self {
+        let first = first.into();
+        let second = super::file_beside(&first, SECOND_COPY);
+        GrubEnvPair {
+            copies: [GrubEnvFile::new(first), GrubEnvFile::new(second)],
+        }
+    }
+
+    /// Provisioning: write both copies afresh (sequence 1).
+    pub fn create(
+        first: impl Into<PathBuf>,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<Self, BootError> {
+        let pair = Self::new(first);
+        let block = serialize_copy(vars, 1)?;
+        for c in &pair.copies {
+            super::write_atomic(c.path(), &block)?;
+        }
+        Ok(pair)
+    }
+
+    pub fn paths(&self) -> [&Path; 2] {
+        [self.copies[0].path(), self.copies[1].path()]
+    }
+
+    /// Both copies as they are on disk.
+    pub fn read_copies(&self) -> [Copy; 2] {
+        self.copies.each_ref().map(|c| match c.read_block() {
+            Ok(b) => parse_copy(&b, c.path()),
+            Err(BootError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Copy::Missing
+            }
+            Err(e) => Copy::Invalid(e.to_string()),
+        })
+    }
+
+    /// Index of the copy GRUB boots from: the valid one with the higher sequence, the first
+    /// on a tie. `None` when neither is valid.
+    pub fn current(copies: &[Copy; 2]) -> Option<usize> {
+        match (&copies[0], &copies[1]) {
+            (Copy::Valid { seq: a, .. }, Copy::Valid { seq: b, .. }) => {
+                Some(if b > a { 1 } else { 0 })
+            }
+            (Copy::Valid { .. }, _) => Some(0),
+            (_, Copy::Valid { .. }) => Some(1),
+            _ => None,
+        }
+    }
+
+    /// Write `block` into copy `i`: in place when the file is a whole block (GRUB writes it
+    /// through the sectors it found at boot), else as a new file (GRUB finds it at next boot).
+    fn write_copy(&self, i: usize, block: &[u8]) -> Result<(), BootError> {
+        let c = &self.copies[i];
+        match std::fs::metadata(c.path()) {
+            Ok(m) if m.len() == BLOCK_SIZE as u64 => c.write_block(block),
+            _ => super::write_atomic(c.path(), block),
+        }
+    }
+}
+
+impl EnvStore for GrubEnvPair {
+    fn load(&self) -> Result<BTreeMap<String, String>, BootError> {
+        let copies = self.read_copies();
+        match Self::current(&copies) {
+            Some(i) => match &copies[i] {
+                Copy::Valid { vars, .. } => Ok(vars.clone()),
+                _ => unreachable!("current() returns a valid copy"),
+            },
+            None => Err(BootError::Corrupt {
+                path: self.copies[0].path().to_path_buf(),
+                reason: format!(
+                    "neither copy is valid ({}: {}; {}: {})",
+                    self.copies[0].path().display(),
+                    describe_copy(&copies[0]),
+                    self.copies[1].path().display(),
+                    describe_copy(&copies[1])
+                ),
+            }),
+        }
+    }
+
+    fn store(&self, vars: &BTreeMap<String, String>) -> Result<(), BootError> {
+        let copies = self.read_copies();
+        let current = Self::current(&copies);
+        let seq = copies
+            .iter()
+            .filter_map(|c| match c {
+                Copy::Valid { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+            + 1;
+        if seq >= MAX_SEQ {
+            return Err(BootError::Invalid(format!(
+                "grubenv sequence exhausted ({seq}): provision again with init-boot-env"
+            )));
+        }
+        let block = serialize_copy(vars, seq)?;
+        // The copy GRUB would not boot from first: until the second write completes, the
+        // current copy still holds the whole old state.
+        let first = match current {
+            Some(0) => 1,
+            _ => 0,
+        };
+        self.write_copy(first, &block)?;
+        self.write_copy(1 - first, &block)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "grubenv {} (+ {})",
+            self.copies[0].path().display(),
+            SECOND_COPY
+        )
+    }
+
+    fn check(&self) -> Vec<String> {
+        let copies = self.read_copies();
+        let Some(cur) = Self::current(&copies) else {
+            return vec!["neither grubenv copy is valid".into()];
+        };
+        let other = 1 - cur;
+        if copies[other] == copies[cur] {
+            return Vec::new();
+        }
+        vec![format!(
+            "grubenv copy {} ({}) {}; copy {} is current",
+            other + 1,
+            self.copies[other].path().display(),
+            match &copies[other] {
+                Copy::Valid { seq, .. } => format!("is stale (sequence {seq})"),
+                c => describe_copy(c),
+            },
+            cur + 1
+        )]
+    }
+
+    fn repair(&self) -> Result<Vec<String>, BootError> {
+        let problems = self.check();
+        let copies = self.read_copies();
+        let Some(cur) = Self::current(&copies) else {
+            return Err(BootError::Corrupt {
+                path: self.copies[0].path().to_path_buf(),
+                reason: "neither grubenv copy is valid: nothing to repair from".into(),
+            });
+        };
+        if problems.is_empty() {
+            return Ok(problems);
+        }
+        let Copy::Valid { seq, vars } = &copies[cur] else {
+            unreachable!("current() returns a valid copy")
+        };
+        // Same sequence, same content: the pair agrees again without a newer state.
+        self.write_copy(1 - cur, &serialize_copy(vars, *seq)?)?;
+        Ok(problems)
+    }
+}
+
+fn describe_copy(c: &Copy) -> String {
+    match c {
+        Copy::Valid { seq, .. } => format!("valid, sequence {seq}"),
+        Copy::Invalid(why) => format!("is invalid: {why}"),
+        Copy::Missing => "is missing".into(),
+    }
+}
+
+/// What the real `grub.cfg` does at power-on, given the two copies (`None`: file missing):
+/// the slot it boots, whether as the last resort, and the copies afterwards. Only for the
+/// agreement test with `grub-emu` (tests/grub_cfg.rs) and host-side crash checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrubBoot {
+    pub slot: String,
+    pub last_resort: bool,
+    pub copies: [Option<Vec<u8>>; 2],
+}
+
+pub fn grub_boot_model(copies: [Option<Vec<u8>>; 2]) -> GrubBoot {
+    let p = Path::new("model");
+    let parsed = copies
+        .each_ref()
+        .map(|c| c.as_ref().map_or(Copy::Missing, |b| parse_copy(b, p)));
+    let cur = GrubEnvPair::current(&parsed);
+    let vars = match cur.map(|i| &parsed[i]) {
+        Some(Copy::Valid { vars, .. }) => vars.clone(),
+        _ => BTreeMap::new(),
+    };
+    let get = |k: &str| vars.get(k).cloned().unwrap_or_default();
+    let mut order = get("EDGE_ORDER");
+    if order.is_empty() {
+        order = "A B".into();
+    }
+    let mut out = copies.clone();
+    for slot in order.split(' ').filter(|s| !s.is_empty()) {
+        if slot != "A" && slot != "B" {
+            continue;
+        }
+        let state = get(&format!("EDGE_{slot}_STATE"));
+        let tries = get(&format!("EDGE_{slot}_TRIES"));
+        if state == "good" {
+            return GrubBoot {
+                slot: slot.into(),
+                last_resort: false,
+                copies: out,
+            };
+        }
+        let next = match tries.as_str() {
+            "9" => "8",
+            "8" => "7",
+            "7" => "6",
+            "6" => "5",
+            "5" => "4",
+            "4" => "3",
+            "3" => "2",
+            "2" => "1",
+            "1" => "0",
+            _ => continue,
+        };
+        if state != "trying" {
+            continue;
+        }
+        let cur = cur.expect("a trying slot comes from a valid copy");
+        let key = format!("EDGE_{slot}_TRIES");
+        let mut write = |i: usize| {
+            if let Copy::Valid { seq, vars } = &parsed[i] {
+                let mut v = vars.clone();
+                v.insert(key.clone(), next.into());
+                out[i] = Some(serialize_copy(&v, *seq).expect("same layout"));
+            }
+        };
+        write(cur);
+        // grub.cfg saves the other copy too when it carries the same sequence.
+        let same_seq = matches!(
+            (&parsed[0], &parsed[1]),
+            (Copy::Valid { seq: a, .. }, Copy::Valid { seq: b, .. }) if a == b
+        );
+        if same_seq {
+            write(1 - cur);
+        }
+        return GrubBoot {
+            slot: slot.into(),
+            last_resort: false,
+            copies: out,
+        };
+    }
+    let first = order.split(' ').find(|s| !s.is_empty()).unwrap_or("A");
+    GrubBoot {
+        slot: if first == "B" { "B" } else { "A" }.into(),
+        last_resort: true,
+        copies: out,
     }
 }
 
@@ -547,17 +902,14 @@ mod tests {
 
     // ---- Against Debian's real grub-editenv (grub2-common) ----
 
-    /// The grub-editenv binary, or None after printing why the test is skipped.
+    /// The grub-editenv binary, or None after saying why the test is skipped (a failure
+    /// under EDGE_OTA_REQUIRE_ALL).
     fn grub_editenv() -> Option<PathBuf> {
-        let dirs = std::env::var_os("PATH").unwrap_or_default();
-        let found = std::env::split_paths(&dirs)
-            .chain(["/usr/bin".into(), "/usr/sbin".into(), "/sbin".into()])
-            .map(|d| d.join("grub-editenv"))
-            .find(|p| p.is_file());
+        let found = crate::testing::find_tool("grub-editenv");
         if found.is_none() {
-            eprintln!(
-                "SKIPPED: grub-editenv not found in PATH (apt-get install grub2-common); \
-                 not checking against the real tool"
+            crate::testing::skip(
+                "grubenv round trips",
+                "grub-editenv not found in PATH (apt-get install grub2-common)",
             );
         }
         found

@@ -45,23 +45,16 @@ impl BootError {
 /// Replace a bootloader file (loader.conf, a new grubenv, the file backend) atomically and
 /// durably, world-readable like the files the bootloaders' own tools write.
 pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), BootError> {
-    use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| BootError::io(dir, e))?;
-    tmp.write_all(bytes)
-        .and_then(|_| {
-            tmp.as_file()
-                .set_permissions(std::fs::Permissions::from_mode(0o644))
-        })
-        .map_err(|e| BootError::io(tmp.path(), e))?;
-    crate::state::persist(tmp, path).map_err(|e| match e {
-        crate::error::Error::Io { source, .. } => BootError::io(path, source),
-        other => BootError::Invalid(other.to_string()),
-    })
+    crate::fsutil::write_atomic(path, bytes, 0o644).map_err(BootError::from)
+}
+
+impl From<crate::fsutil::FsError> for BootError {
+    fn from(e: crate::fsutil::FsError) -> Self {
+        BootError::Io {
+            path: e.context.into(),
+            source: e.source,
+        }
+    }
 }
 
 /// A key/value environment that a bootloader reads at boot (grubenv, U-Boot env, a file).
@@ -73,6 +66,20 @@ pub trait EnvStore {
     fn store(&self, vars: &BTreeMap<String, String>) -> Result<(), BootError>;
     /// Where the store lives, for messages and `status`.
     fn describe(&self) -> String;
+    /// Problems with redundant copies that [`EnvStore::load`] worked around (a copy missing,
+    /// corrupt or stale). Empty when there is nothing to repair.
+    fn check(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Rewrite stale or corrupt redundant copies from the current one; returns what was fixed.
+    fn repair(&self) -> Result<Vec<String>, BootError> {
+        Ok(Vec::new())
+    }
+}
+
+/// `<dir of path>/<name>`: files a backend keeps beside its main one.
+pub(crate) fn file_beside(path: &std::path::Path, name: &str) -> PathBuf {
+    crate::fsutil::parent_dir(path).join(name)
 }
 
 /// How the bootloader sees one slot.
@@ -99,8 +106,21 @@ pub trait Bootloader {
     fn mark_bad(&mut self, slot: &str) -> Result<(), BootError>;
     /// The state of one slot.
     fn slot_state(&self, slot: &str) -> Result<SlotBootState, BootError>;
+    /// The bootloader side's copy of the anti-rollback floor (the state file holds the other
+    /// one; the effective floor is the larger). `None` when none is recorded.
+    fn floor(&self) -> Result<Option<u64>, BootError>;
+    /// Record the floor on the bootloader side.
+    fn set_floor(&mut self, floor: u64) -> Result<(), BootError>;
     /// Where the backend keeps its state, for messages.
     fn describe(&self) -> String;
+    /// Problems with redundant copies of the boot state that reading worked around.
+    fn check(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Rewrite stale or corrupt redundant copies; returns what was fixed.
+    fn repair(&mut self) -> Result<Vec<String>, BootError> {
+        Ok(Vec::new())
+    }
 
     /// The slot the bootloader will pick next: the first in order that is good, or trying with
     /// tries left. `None` when no slot is bootable.
@@ -122,7 +142,7 @@ pub fn open(cfg: &crate::config::Config) -> Result<Box<dyn Bootloader>, BootErro
     let path = cfg.bootloader.path.clone();
     Ok(match cfg.bootloader.backend {
         BackendKind::File => Box::new(env::EnvBootloader::new(file::FileEnv::new(path))),
-        BackendKind::Grub => Box::new(env::EnvBootloader::new(grubenv::GrubEnvFile::new(path))),
+        BackendKind::Grub => Box::new(env::EnvBootloader::new(grubenv::GrubEnvPair::new(path))),
         BackendKind::Uboot => Box::new(env::EnvBootloader::new(
             uboot_env::UBootEnv::from_config_file(&path)?,
         )),
@@ -142,7 +162,7 @@ pub fn init(cfg: &crate::config::Config, good: &str) -> Result<(), BootError> {
     let vars = env::EnvBootloader::<file::FileEnv>::initial_vars(&slots, good);
     match cfg.bootloader.backend {
         BackendKind::File => file::FileEnv::new(&cfg.bootloader.path).store(&vars),
-        BackendKind::Grub => grubenv::GrubEnvFile::create(&cfg.bootloader.path, &vars).map(drop),
+        BackendKind::Grub => grubenv::GrubEnvPair::create(&cfg.bootloader.path, &vars).map(drop),
         BackendKind::Uboot => {
             uboot_env::UBootEnv::from_config_file(&cfg.bootloader.path)?.store(&vars)
         }

@@ -18,7 +18,6 @@
 //! Every change is a `rename(2)` or an atomic file replacement, followed by an fsync of the
 //! directory.
 
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +33,10 @@ pub struct SystemdBoot {
 }
 
 impl SystemdBoot {
+    fn floor_path(&self) -> PathBuf {
+        super::file_beside(&self.loader_conf, "edge-ota-floor")
+    }
+
     /// `entries_dir` is usually `<ESP>/loader/entries`, `loader_conf` `<ESP>/loader/loader.conf`;
     /// slot `S`'s entry is `<prefix>-S[+counter].conf`. Names must be non-empty and free of
     /// `+`, `/`, `*`, `?`, `[`, whitespace and control characters, and no slot's entry name may
@@ -174,7 +177,7 @@ impl SystemdBoot {
         let from = self.entries_dir.join(&current);
         let to = self.entries_dir.join(&wanted);
         std::fs::rename(&from, &to).map_err(|e| BootError::io(&from, e))?;
-        sync_dir(&self.entries_dir).map_err(|e| BootError::io(&self.entries_dir, e))
+        Ok(crate::fsutil::sync_dir(&self.entries_dir)?)
     }
 
     fn read_loader_conf(&self) -> Result<String, BootError> {
@@ -295,11 +298,6 @@ fn loader_conf_key_value(line: &str) -> Option<(&str, &str)> {
     Some((key, value))
 }
 
-/// Makes renames in `dir` durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 impl Bootloader for SystemdBoot {
     /// The slot named by loader.conf's `default` line, then the other slots in configured order.
     fn order(&self) -> Result<Vec<String>, BootError> {
@@ -350,6 +348,23 @@ impl Bootloader for SystemdBoot {
 
     fn slot_state(&self, slot: &str) -> Result<SlotBootState, BootError> {
         Ok(self.find_entry(slot)?.1)
+    }
+
+    /// The floor's bootloader-side copy: a small file beside loader.conf on the ESP.
+    fn floor(&self) -> Result<Option<u64>, BootError> {
+        let path = self.floor_path();
+        match std::fs::read_to_string(&path) {
+            Ok(t) => t.trim().parse().map(Some).map_err(|_| BootError::Corrupt {
+                path,
+                reason: format!("anti-rollback floor {:?} is not a number", t.trim()),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BootError::io(path, e)),
+        }
+    }
+
+    fn set_floor(&mut self, floor: u64) -> Result<(), BootError> {
+        super::write_atomic(&self.floor_path(), format!("{floor}\n").as_bytes())
     }
 
     fn describe(&self) -> String {

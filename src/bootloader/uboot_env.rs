@@ -1015,21 +1015,16 @@ mod tests {
 
     // ---- Against the real tools: fw_printenv / fw_setenv (Debian: libubootenv-tool) ----
 
-    /// fw_printenv and fw_setenv, or None after printing why the test is skipped.
+    /// fw_printenv and fw_setenv, or None after saying why the test is skipped (a failure under
+    /// EDGE_OTA_REQUIRE_ALL).
     fn tools() -> Option<(PathBuf, PathBuf)> {
-        let find = |name: &str| {
-            let dirs = std::env::var_os("PATH").unwrap_or_default();
-            std::env::split_paths(&dirs)
-                .chain(["/usr/bin".into(), "/usr/sbin".into(), "/sbin".into()])
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        };
+        let find = crate::testing::find_tool;
         match (find("fw_printenv"), find("fw_setenv")) {
             (Some(p), Some(s)) => Some((p, s)),
             _ => {
-                eprintln!(
-                    "SKIPPED: fw_printenv/fw_setenv not found in PATH (Debian 12: apt-get \
-                     install libubootenv-tool); not checking against the real tools"
+                crate::testing::skip(
+                    "U-Boot env round trips",
+                    "fw_printenv/fw_setenv not found in PATH (Debian 12: apt-get install libubootenv-tool)",
                 );
                 None
             }

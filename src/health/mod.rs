@@ -1,54 +1,22 @@
-//! `edge-ota health`: run once per boot. Detects a bootloader fallback, runs the configured
-//! probes within a deadline while petting the watchdog, and confirms the booted slot or marks
-//! it bad (the caller then reboots into the other slot).
+//! `edge-ota health`: run once per boot. Detects a bootloader fallback (but leaves a slot
+//! that is only pending its first boot alone), runs the configured probes within a deadline
+//! while petting the watchdog, and confirms the booted slot or marks it bad (the caller then
+//! reboots into the other slot). A slot it cannot judge keeps running, unconfirmed.
 
 pub mod probe;
 pub mod watchdog;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::bootloader::{Bootloader, SlotBootState};
-use crate::control;
+use crate::control::{self, REPAIR_HINT};
 use crate::error::{Error, Result};
-use crate::state::{HealthRecord, RollbackEvent, StateStore};
+use crate::state::{HealthRecord, RollbackEvent, SlotStatus, State, StateStore};
 use crate::verify::unix_now;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    /// All required probes must pass together before this deadline.
-    #[serde(default = "default_deadline")]
-    pub deadline_secs: u64,
-    /// Pause between rounds of probes.
-    #[serde(default = "default_interval")]
-    pub interval_ms: u64,
-    /// Watchdog device to pet until the verdict (e.g. /dev/watchdog).
-    #[serde(default)]
-    pub watchdog: Option<PathBuf>,
-    #[serde(default, rename = "probe")]
-    pub probes: Vec<probe::ProbeConfig>,
-}
-
-fn default_deadline() -> u64 {
-    300
-}
-fn default_interval() -> u64 {
-    2000
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        HealthConfig {
-            deadline_secs: default_deadline(),
-            interval_ms: default_interval(),
-            watchdog: None,
-            probes: Vec::new(),
-        }
-    }
-}
+pub use crate::config::HealthConfig;
 
 /// The outcome of one health run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -60,9 +28,15 @@ pub enum Verdict {
     Confirmed { slot: String },
     /// A required probe failed until the deadline: the slot is marked bad.
     Failed { slot: String, reason: String },
+    /// The slot cannot be judged (state or boot environment unreadable, or the slot is marked
+    /// bad or half-installed and was booted anyway): nothing is marked good, nothing is
+    /// marked bad, the slot keeps running, and `status` says how to repair.
+    Unjudged { slot: String, reason: String },
 }
 
-/// Run the health check for the booted slot.
+/// Run the health check for the booted slot. Always reaches a verdict once the booted slot
+/// is known: a broken state file or boot environment is `Unjudged`, not an error that would
+/// leave the device waiting.
 pub fn run(cfg: &crate::config::Config, bl: &mut dyn Bootloader) -> Result<Verdict> {
     let booted = crate::slot::booted_slot(&cfg.cmdline)?.ok_or_else(|| {
         Error::Slot(
@@ -71,75 +45,118 @@ pub fn run(cfg: &crate::config::Config, bl: &mut dyn Bootloader) -> Result<Verdi
     })?;
     cfg.slot(&booted)?;
     let store = StateStore::new(&cfg.state_dir);
-    let mut state = store.load()?;
-
-    detect_fallback(bl, &mut state, &booted)?;
+    let mut state = match store.load() {
+        Ok(s) => s,
+        // Never overwrite a corrupt state file here: it holds the floor and the slot hashes
+        // that `repair` uses.
+        Err(e) => return Ok(unjudged(&booted, format!("{e}: {REPAIR_HINT}"))),
+    };
+    let verdict = judge(cfg, bl, &mut state, &booted)?;
+    state.last_health = Some(HealthRecord {
+        slot: booted.clone(),
+        healthy: matches!(
+            verdict,
+            Verdict::AlreadyGood { .. } | Verdict::Confirmed { .. }
+        ),
+        at: unix_now()?,
+        detail: match &verdict {
+            Verdict::AlreadyGood { .. } => Some("already confirmed".into()),
+            Verdict::Confirmed { .. } => None,
+            Verdict::Failed { reason, .. } | Verdict::Unjudged { reason, .. } => {
+                Some(reason.clone())
+            }
+        },
+    });
     store.save(&state)?;
+    Ok(verdict)
+}
 
-    if bl.slot_state(&booted)? == SlotBootState::Good {
-        state.last_health = Some(HealthRecord {
-            slot: booted.clone(),
-            healthy: true,
-            at: unix_now(),
-            detail: Some("already confirmed".into()),
-        });
-        store.save(&state)?;
-        return Ok(Verdict::AlreadyGood { slot: booted });
-    }
-
-    let outcome = check(&cfg.health);
-    match outcome {
-        Ok(()) => {
-            control::confirm(bl, &mut state, &booted)?;
-            state.last_health = Some(HealthRecord {
-                slot: booted.clone(),
-                healthy: true,
-                at: unix_now(),
-                detail: None,
-            });
-            store.save(&state)?;
-            Ok(Verdict::Confirmed { slot: booted })
-        }
-        Err(reason) => {
-            bl.mark_bad(&booted)?;
-            let version = state.slot(&booted).version;
-            let running = bl.next_boot()?.unwrap_or_default();
-            state.slot_mut(&booted).failure = Some(format!("health check failed: {reason}"));
-            state.record_rollback(RollbackEvent {
-                at: unix_now(),
-                slot: booted.clone(),
-                version,
-                running,
-                reason: format!("health check failed: {reason}"),
-            });
-            state.last_health = Some(HealthRecord {
-                slot: booted.clone(),
-                healthy: false,
-                at: unix_now(),
-                detail: Some(reason.clone()),
-            });
-            store.save(&state)?;
-            Ok(Verdict::Failed {
-                slot: booted,
-                reason,
-            })
-        }
+fn unjudged(slot: &str, reason: String) -> Verdict {
+    Verdict::Unjudged {
+        slot: slot.to_string(),
+        reason,
     }
 }
 
-/// The bootloader fell back when the slot first in its order is not the one that booted and
-/// was not already marked bad: its tries ran out (panic, hang, reset). Record it once and mark
-/// that slot bad so it is not tried again.
-fn detect_fallback(
+fn judge(
+    cfg: &crate::config::Config,
     bl: &mut dyn Bootloader,
-    state: &mut crate::state::State,
+    state: &mut State,
     booted: &str,
-) -> Result<()> {
+) -> Result<Verdict> {
+    // Redundant copies of the boot state: fix a stale or corrupt one now, while we hold the lock.
+    match bl.repair() {
+        Ok(fixed) => fixed
+            .iter()
+            .for_each(|f| eprintln!("edge-ota health: repaired: {f}")),
+        Err(e) => return Ok(unjudged(booted, format!("{e}: {REPAIR_HINT}"))),
+    }
+    let booted_state = match bl.slot_state(booted) {
+        Ok(s) => s,
+        Err(e) => return Ok(unjudged(booted, format!("{e}: {REPAIR_HINT}"))),
+    };
+    if let Err(e) = control::Floor::restore(state, bl) {
+        eprintln!("edge-ota health: warning: {e}");
+    }
+    detect_fallback(bl, state, booted)?;
+
+    if state.slot(booted).status == SlotStatus::Installing {
+        return Ok(unjudged(
+            booted,
+            format!("slot {booted} holds an unfinished install; not confirming it"),
+        ));
+    }
+    match booted_state {
+        SlotBootState::Good => Ok(Verdict::AlreadyGood {
+            slot: booted.to_string(),
+        }),
+        SlotBootState::Bad => Ok(unjudged(
+            booted,
+            format!(
+                "slot {booted} is marked bad and was booted anyway (the bootloader's last resort); not confirming it"
+            ),
+        )),
+        SlotBootState::Trying { .. } => match check(&cfg.health) {
+            Ok(()) => {
+                control::confirm(bl, state, booted)?;
+                Ok(Verdict::Confirmed {
+                    slot: booted.to_string(),
+                })
+            }
+            Err(reason) => {
+                bl.mark_bad(booted)?;
+                let version = state.slot(booted).version;
+                let running = bl.next_boot()?.unwrap_or_default();
+                state.slot_mut(booted).failure = Some(format!("health check failed: {reason}"));
+                state.record_rollback(RollbackEvent {
+                    at: unix_now()?,
+                    slot: booted.to_string(),
+                    version,
+                    running,
+                    reason: format!("health check failed: {reason}"),
+                });
+                Ok(Verdict::Failed {
+                    slot: booted.to_string(),
+                    reason,
+                })
+            }
+        },
+    }
+}
+
+/// The bootloader fell back when the slot first in its order is not the one that booted, is
+/// not already bad, and has had a boot attempt (fewer tries left than it was given, or none
+/// left). A slot that still has all its tries was never booted: it is pending (an apply with
+/// `--no-reboot`, a `mark-active`), and running health before the reboot must not touch it.
+fn detect_fallback(bl: &mut dyn Bootloader, state: &mut State, booted: &str) -> Result<()> {
     let order = bl.order()?;
     let Some(first) = order.first() else {
         return Ok(());
     };
-    if first == booted || bl.slot_state(first)? == SlotBootState::Bad {
+    if first == booted
+        || bl.slot_state(first)? == SlotBootState::Bad
+        || control::is_pending(bl, state, first)?
+    {
         return Ok(());
     }
     let reason = "boot attempts exhausted: the bootloader fell back".to_string();
@@ -147,7 +164,7 @@ fn detect_fallback(
     let version = state.slot(first).version;
     state.slot_mut(first).failure = Some(reason.clone());
     state.record_rollback(RollbackEvent {
-        at: unix_now(),
+        at: unix_now()?,
         slot: first.clone(),
         version,
         running: booted.to_string(),

@@ -6,43 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ProbeConfig {
-    pub name: String,
-    /// Required probes decide the verdict; optional ones are only logged.
-    #[serde(default = "yes")]
-    pub required: bool,
-    #[serde(default = "default_timeout")]
-    pub timeout_secs: u64,
-    #[serde(flatten)]
-    pub check: Check,
-}
-
-fn yes() -> bool {
-    true
-}
-fn default_timeout() -> u64 {
-    5
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Check {
-    /// Exit status 0 passes. `command` is argv (no shell).
-    Command { command: Vec<String> },
-    /// A 2xx answer passes. `ca_file` is a PEM CA for https (e.g. the cluster CA).
-    Http {
-        url: String,
-        #[serde(default)]
-        ca_file: Option<PathBuf>,
-    },
-    /// A completed TCP connect passes.
-    Tcp { address: String },
-    /// The path existing passes.
-    File { path: PathBuf },
-}
+pub use crate::config::{Check, ProbeConfig};
 
 impl ProbeConfig {
     pub fn timeout(&self) -> Duration {

@@ -47,9 +47,19 @@ impl AlignedBuf {
 fn open_maybe_direct(path: &Path, write: bool, offset: u64) -> Result<(File, bool)> {
     let mut opts = OpenOptions::new();
     opts.read(true).write(write);
+    if write && is_block_device(path) {
+        // Hold the kernel's exclusive claim while writing: nobody can mount the slot or put
+        // device-mapper on it under us, and an existing claim makes this open fail (EBUSY).
+        opts.custom_flags(nix::libc::O_EXCL);
+    }
     if offset % ALIGN as u64 == 0 {
         let mut direct = opts.clone();
-        direct.custom_flags(nix::libc::O_DIRECT);
+        let excl = if write && is_block_device(path) {
+            nix::libc::O_EXCL
+        } else {
+            0
+        };
+        direct.custom_flags(nix::libc::O_DIRECT | excl);
         if let Ok(f) = direct.open(path) {
             return Ok((f, true));
         }
@@ -63,6 +73,11 @@ fn open_maybe_direct(path: &Path, write: bool, offset: u64) -> Result<(File, boo
         .open(path)
         .ctx(|| format!("{what} {}", path.display()))?;
     Ok((f, false))
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 struct WriteJob {

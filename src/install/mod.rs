@@ -1,35 +1,42 @@
-//! `apply`: verify a bundle, then stream it into the inactive slot, read it back, record it,
-//! and hand the slot to the bootloader. The running slot is never opened for writing.
+//! `apply`: verify a bundle, plan where every payload goes, then stream it into the inactive
+//! slot, read it back, record it, and hand the slot to the bootloader. The running slot is
+//! never opened for writing, and the only known-good slot is never overwritten.
 //!
 //! Order of durable effects (each survives a power cut in a state a retry reads correctly):
 //! 1. target marked bad in the bootloader and `installing` in state, before any write;
-//! 2. payloads written, fsynced, read back and compared with the signed hashes;
-//! 3. state records the installed bundle;
+//! 2. payloads written, fsynced, read back and compared with the signed hashes; file payloads
+//!    swapped in as one directory;
+//! 3. state records the installed bundle and the image it wrote;
 //! 4. the bootloader makes the target primary with N tries.
+//!
+//! `verify` runs the same checks and the same plan ([`prepare`]) and decodes every chunk, but
+//! writes nothing.
 
 pub mod blockdev;
+pub mod files;
 pub mod pipeline;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::bootloader::Bootloader;
-use crate::bundle::reader::{expect_end, BundleHead, Verified};
-use crate::bundle::{Payload, PayloadKind};
+use crate::bundle::head::{BundleHead, Verified};
+use crate::bundle::{Manifest, Payload, PayloadKind};
 use crate::config::{Config, SlotConfig};
+use crate::control::{self, Floor};
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::slot::{self, SlotDevice};
 use crate::source::Source;
-use crate::state::{SlotStatus, StateStore};
-use crate::verify::{unix_now, Policy};
+use crate::state::{ImageRecord, SlotStatus, State, StateStore};
+use crate::verify::{unix_now, Policy, TrustedTime};
 
 /// Options of one apply.
 #[derive(Debug, Clone, Default)]
 pub struct ApplyOptions {
     /// Install into this slot instead of the inactive one (never the booted one).
     pub slot: Option<String>,
-    /// Override the configured boot tries.
+    /// Override the configured boot tries (1..=9, checked by the CLI).
     pub tries: Option<u32>,
 }
 
@@ -48,14 +55,15 @@ pub struct ApplyReport {
 pub fn verify_head(
     cfg: &Config,
     src: &mut Source,
-    min_security_version: u64,
+    state: &State,
+    floor: u64,
 ) -> Result<(BundleHead, Verified)> {
     let head = BundleHead::read(&mut src.reader)?;
     let verified = head.verify(&cfg.trusted_keys()?)?;
     Policy {
         compatible: cfg.compatible.clone(),
-        now: unix_now(),
-        min_security_version,
+        time: TrustedTime::new(unix_now()?, state.newest_seen),
+        min_security_version: floor,
     }
     .check(&verified.manifest)?;
     if let Some(len) = src.len {
@@ -76,10 +84,27 @@ pub fn verify_head(
     Ok((head, verified))
 }
 
-/// Where each payload goes in the target slot.
-enum Destination {
+/// Where one payload goes in the target slot.
+#[derive(Debug, Clone)]
+pub enum Destination {
     Device(SlotDevice),
+    /// A path relative to the slot's `files_dir`.
     File(PathBuf),
+}
+
+/// Everything decided before the first write.
+#[derive(Debug)]
+pub struct Plan {
+    pub target: SlotConfig,
+    pub device: SlotDevice,
+    pub destinations: Vec<Destination>,
+    pub tries: u32,
+}
+
+impl Plan {
+    fn files_dir(&self) -> Option<&std::path::Path> {
+        self.target.files_dir.as_deref()
+    }
 }
 
 fn destination(slot_cfg: &SlotConfig, dev: &SlotDevice, p: &Payload) -> Result<Destination> {
@@ -95,80 +120,93 @@ fn destination(slot_cfg: &SlotConfig, dev: &SlotDevice, p: &Payload) -> Result<D
         PayloadKind::ContainerImages => "images",
         PayloadKind::File => "files",
     };
-    let dir = slot_cfg.files_dir.as_ref().ok_or_else(|| {
-        Error::Slot(format!(
+    if slot_cfg.files_dir.is_none() {
+        return Err(Error::Slot(format!(
             "payload {:?} is a {} payload but slot {:?} has no files_dir",
             p.name,
             p.kind.as_str(),
             slot_cfg.name
-        ))
-    })?;
-    Ok(Destination::File(dir.join(subdir).join(&p.target)))
+        )));
+    }
+    Ok(Destination::File(PathBuf::from(subdir).join(&p.target)))
 }
 
-/// File payloads must fit the free space where they go, checked before anything is written:
-/// running out of space halfway is the failure users of other updaters hit most.
-fn check_file_space(m: &crate::bundle::Manifest, dests: &[Destination]) -> Result<()> {
-    let mut need: Vec<(PathBuf, u64, String)> = Vec::new();
-    for (p, d) in m.payloads.iter().zip(dests) {
-        let Destination::File(path) = d else { continue };
-        // The payload's directory may not exist yet: measure the nearest one that does.
-        let mut dir = path
-            .parent()
-            .expect("payload path has a directory")
-            .to_path_buf();
-        while !dir.exists() {
-            if !dir.pop() {
-                break;
-            }
-        }
-        match need.iter_mut().find(|(d, _, _)| *d == dir) {
-            Some(entry) => {
-                entry.1 += p.size;
-                entry.2 = p.name.clone();
-            }
-            None => need.push((dir, p.size, p.name.clone())),
+/// File payloads must fit the free space where they go (beside the current files, which stay
+/// until the swap), checked before anything is written: running out of space halfway is the
+/// failure users of other updaters hit most.
+fn check_file_space(m: &Manifest, files_dir: Option<&std::path::Path>) -> Result<()> {
+    let Some(dir) = files_dir else { return Ok(()) };
+    let files: Vec<&Payload> = m
+        .payloads
+        .iter()
+        .filter(|p| p.kind != PayloadKind::Image)
+        .collect();
+    let Some(last) = files.last() else {
+        return Ok(());
+    };
+    let bytes: u64 = files.iter().map(|p| p.size).sum();
+    // The directory may not exist yet: measure the nearest one that does.
+    let mut at = dir.to_path_buf();
+    while !at.exists() {
+        if !at.pop() {
+            break;
         }
     }
-    for (dir, bytes, last) in need {
-        let st = nix::sys::statvfs::statvfs(&dir).map_err(|e| {
-            Error::io(
-                format!("checking free space in {}", dir.display()),
-                e.into(),
-            )
-        })?;
-        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
-        if bytes > free {
-            return Err(Error::TooLarge {
-                payload: last,
-                size: bytes,
-                target: format!("the free space in {}", dir.display()),
-                capacity: free,
-            });
-        }
+    let st = nix::sys::statvfs::statvfs(&at)
+        .map_err(|e| Error::io(format!("checking free space in {}", at.display()), e.into()))?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    if bytes > free {
+        return Err(Error::TooLarge {
+            payload: last.name.clone(),
+            size: bytes,
+            target: format!("the free space in {}", at.display()),
+            capacity: free,
+        });
     }
     Ok(())
 }
 
-/// Install a bundle into the inactive slot. On any error nothing the bootloader would boot
-/// has changed: the target stays marked bad until a complete, verified write.
-pub fn apply(
-    cfg: &Config,
-    bootloader: &mut dyn Bootloader,
-    src: &mut Source,
-    opts: &ApplyOptions,
-    progress: &Progress,
-) -> Result<ApplyReport> {
-    let store = StateStore::new(&cfg.state_dir);
-    let mut state = store.load()?;
-    let (_head, verified) = verify_head(cfg, src, state.min_security_version)?;
-    let m = &verified.manifest;
+/// Check that a slot's bytes still hash to the image recorded for it.
+pub fn prove_image(dev: &SlotDevice, img: &ImageRecord) -> Result<()> {
+    if img.size > dev.size {
+        return Err(Error::Slot(format!(
+            "slot {} is smaller than the image recorded for it",
+            dev.name
+        )));
+    }
+    let got = blockdev::hash_region(&dev.path, dev.offset, img.size)?;
+    if got.as_bytes() != &img.blake3.0 {
+        return Err(Error::Slot(format!(
+            "slot {}'s image no longer matches the one recorded at its install ({})",
+            dev.name,
+            dev.path.display()
+        )));
+    }
+    Ok(())
+}
 
+/// Every check `apply` makes before writing, and the plan it follows: target slot (never the
+/// booted one, never the only known-good one), its device distinct from every other slot's
+/// and not in use, payload destinations, sizes and free space, and a slot image that is
+/// either written whole by this bundle or proven intact.
+pub fn prepare(
+    cfg: &Config,
+    bl: &dyn Bootloader,
+    state: &State,
+    m: &Manifest,
+    opts: &ApplyOptions,
+) -> Result<Plan> {
     let booted = slot::booted_slot(&cfg.cmdline)?;
     let target_cfg = slot::choose_target(cfg, booted.as_deref(), opts.slot.as_deref())?;
-    let dev = slot::resolve(cfg, target_cfg)?;
-    slot::ensure_not_mounted(&dev.path, &cfg.mountinfo)?;
-    let mut dests = Vec::new();
+    let devices = slot::resolve_all_distinct(cfg)?;
+    let dev = devices
+        .into_iter()
+        .find(|d| d.name == target_cfg.name)
+        .expect("every configured slot resolves");
+    slot::ensure_not_busy(&dev.path, &cfg.mountinfo, &cfg.sysfs)?;
+    control::keep_a_known_good_slot(cfg, bl, state, booted.as_deref(), &dev.name, "overwrite it")?;
+
+    let mut destinations = Vec::new();
     for p in &m.payloads {
         let d = destination(target_cfg, &dev, p)?;
         if let Destination::Device(dev) = &d {
@@ -181,19 +219,71 @@ pub fn apply(
                 });
             }
         }
-        dests.push(d);
+        destinations.push(d);
     }
-    check_file_space(m, &dests)?;
-    let tries = opts.tries.unwrap_or(cfg.tries);
+    check_file_space(m, target_cfg.files_dir.as_deref())?;
+    let writes_image = destinations
+        .iter()
+        .any(|d| matches!(d, Destination::Device(_)));
+    if !writes_image {
+        // The slot becomes bootable over bytes this bundle does not write: only if they are
+        // the complete image of an earlier install, still intact.
+        let rec = state.slot(&dev.name);
+        match (&rec.status, &rec.image) {
+            (SlotStatus::Installed, Some(img)) => prove_image(&dev, img)?,
+            _ => {
+                return Err(Error::Slot(format!(
+                    "the bundle has no image for slot {} and the slot does not hold a complete, recorded image",
+                    dev.name
+                )))
+            }
+        }
+    }
+    Ok(Plan {
+        target: target_cfg.clone(),
+        device: dev,
+        destinations,
+        tries: opts.tries.unwrap_or(cfg.tries),
+    })
+}
+
+/// Install a bundle into the inactive slot. On any error nothing the bootloader would boot
+/// has changed: the target stays marked bad until a complete, verified write. The caller
+/// holds the operation lock.
+pub fn apply(
+    cfg: &Config,
+    bl: &mut dyn Bootloader,
+    src: &mut Source,
+    opts: &ApplyOptions,
+    progress: &Progress,
+) -> Result<ApplyReport> {
+    let store = StateStore::new(&cfg.state_dir);
+    let mut state = store.load()?;
+    let floor = Floor::read(&state, bl).effective;
+    let (_head, verified) = verify_head(cfg, src, &state, floor)?;
+    let m = Arc::new(verified.manifest.clone());
+    let plan = prepare(cfg, bl, &state, &m, opts)?;
+    let dev = &plan.device;
+    // The bundle passed every check: now repair a missing or stale floor copy, if any.
+    Floor::restore(&mut state, bl)?;
 
     // 1. Not bootable before the first byte is written.
-    bootloader.mark_bad(&dev.name)?;
+    bl.mark_bad(&dev.name)?;
     {
         let rec = state.slot_mut(&dev.name);
+        let image = rec.image.take();
         *rec = Default::default();
         rec.status = SlotStatus::Installing;
         rec.version = Some(m.version.to_string());
         rec.bundle_id = Some(verified.id.to_hex());
+        // Kept only while the bundle does not rewrite the image (proven in prepare()).
+        if !plan
+            .destinations
+            .iter()
+            .any(|d| matches!(d, Destination::Device(_)))
+        {
+            rec.image = image;
+        }
     }
     store.save(&state)?;
     crate::failpoint::hit("after-mark-bad");
@@ -205,48 +295,120 @@ pub fn apply(
         &format!("installing {} into slot {}", m.version, dev.name),
     );
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut done_before = 0u64;
-    let mut written = 0u64;
-    let reader: &mut (dyn Read + Send) = &mut *src.reader;
-    for (p, d) in m.payloads.iter().zip(&dests) {
-        let report = |n: u64| progress.set(done_before + n);
-        written += match d {
-            Destination::Device(dev) => write_image(reader, p, dev, workers, report)?,
-            Destination::File(path) => write_file(reader, p, path, workers, report)?,
-        };
-        done_before += p.size;
+    let mut staging = match plan.files_dir() {
+        Some(d)
+            if plan
+                .destinations
+                .iter()
+                .any(|d| matches!(d, Destination::File(_))) =>
+        {
+            Some(files::Staging::begin(d)?)
+        }
+        _ => None,
+    };
+    let mut writers: Vec<Option<Sink>> = Vec::new();
+    for d in &plan.destinations {
+        writers.push(Some(match d {
+            Destination::Device(dev) => {
+                Sink::Image(blockdev::SlotWriter::open(&dev.path, dev.offset, dev.size)?)
+            }
+            Destination::File(rel) => Sink::File(
+                staging
+                    .as_mut()
+                    .expect("a staging directory for file payloads")
+                    .create(rel)?,
+                Box::new(blake3::Hasher::new()),
+            ),
+        }));
     }
-    expect_end(reader)?;
+    let mut fail_after = crate::failpoint::chunk_countdown();
+    let reader = std::mem::replace(&mut src.reader, Box::new(std::io::empty()));
+    pipeline::stream_bundle(
+        reader,
+        m.clone(),
+        workers,
+        |p, data| {
+            fail_after();
+            match writers[p].as_mut().expect("open writer") {
+                Sink::Image(w) => w.write(data),
+                Sink::File(f, h) => {
+                    use std::io::Write;
+                    h.update(data);
+                    f.write_all(data)
+                        .ctx(|| format!("writing payload {:?}", m.payloads[p].name))
+                }
+            }
+        },
+        |n| progress.set(n),
+    )?;
+    let mut written = 0u64;
+    for (i, w) in writers.iter_mut().enumerate() {
+        let p = &m.payloads[i];
+        written += match w.take().expect("open writer") {
+            Sink::Image(w) => w.finish()?,
+            Sink::File(f, h) => {
+                f.sync_all()
+                    .ctx(|| format!("syncing payload {:?}", p.name))?;
+                if h.finalize().as_bytes() != &p.blake3.0 {
+                    return Err(Error::Tampered {
+                        payload: p.name.clone(),
+                        what: "whole-payload hash mismatch".into(),
+                    });
+                }
+                p.size
+            }
+        };
+    }
     crate::failpoint::hit("after-write");
     progress.message("reading back");
-    for (p, d) in m.payloads.iter().zip(&dests) {
-        if let Destination::Device(dev) = d {
-            let got = blockdev::hash_region(&dev.path, dev.offset, p.size)?;
-            if got.as_bytes() != &p.blake3.0 {
-                return Err(Error::Tampered {
-                    payload: p.name.clone(),
-                    what: format!(
-                        "read back from {} does not match the signed hash",
-                        dev.path.display()
-                    ),
+    let mut image = None;
+    for (p, d) in m.payloads.iter().zip(&plan.destinations) {
+        match d {
+            Destination::Device(dev) => {
+                let got = blockdev::hash_region(&dev.path, dev.offset, p.size)?;
+                if got.as_bytes() != &p.blake3.0 {
+                    return Err(Error::Tampered {
+                        payload: p.name.clone(),
+                        what: format!(
+                            "read back from {} does not match the signed hash",
+                            dev.path.display()
+                        ),
+                    });
+                }
+                image = Some(ImageRecord {
+                    size: p.size,
+                    blake3: p.blake3,
                 });
             }
+            Destination::File(rel) => staging
+                .as_ref()
+                .expect("a staging directory for file payloads")
+                .verify(&p.name, rel, p.size, &p.blake3)?,
         }
+    }
+    if let Some(st) = staging {
+        st.commit()?;
     }
     progress.finish();
 
     // 3. Record what the slot holds.
     {
+        let now = unix_now()?;
         let rec = state.slot_mut(&dev.name);
         rec.status = SlotStatus::Installed;
         rec.security_version = Some(m.security_version);
-        rec.installed_at = Some(unix_now());
+        rec.installed_at = Some(now);
+        rec.activated_tries = Some(plan.tries);
+        if image.is_some() {
+            rec.image = image;
+        }
+        state.newest_seen = state.newest_seen.max(m.created);
     }
     store.save(&state)?;
     crate::failpoint::hit("before-flip");
 
     // 4. Boot it next, with a limited number of tries.
-    bootloader.set_primary(&dev.name, tries)?;
+    bl.set_primary(&dev.name, plan.tries)?;
     crate::failpoint::hit("after-flip");
     Ok(ApplyReport {
         slot: dev.name.clone(),
@@ -254,69 +416,13 @@ pub fn apply(
         security_version: m.security_version,
         bundle_id: verified.id.to_hex(),
         bytes_written: written,
-        tries,
+        tries: plan.tries,
     })
 }
 
-fn write_image(
-    src: &mut (dyn Read + Send),
-    p: &Payload,
-    dev: &SlotDevice,
-    workers: usize,
-    progress: impl FnMut(u64),
-) -> Result<u64> {
-    let mut w = blockdev::SlotWriter::open(&dev.path, dev.offset, dev.size)?;
-    let mut fail_after = crate::failpoint::chunk_countdown();
-    pipeline::stream_payload(
-        src,
-        p,
-        workers,
-        |data| {
-            fail_after();
-            w.write(data)
-        },
-        progress,
-    )?;
-    w.finish()
-}
-
-/// File payloads are written to a temporary file beside the target, checked against the
-/// whole-payload hash, fsynced and renamed into place.
-fn write_file(
-    src: &mut (dyn Read + Send),
-    p: &Payload,
-    path: &Path,
-    workers: usize,
-    progress: impl FnMut(u64),
-) -> Result<u64> {
-    use std::io::Write;
-    let dir = path.parent().expect("payload path has a directory");
-    std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .ctx(|| format!("creating a temporary file in {}", dir.display()))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-    pipeline::stream_payload(
-        src,
-        p,
-        workers,
-        |data| {
-            hasher.update(data);
-            out.write_all(data)
-                .ctx(|| format!("writing {}", path.display()))
-        },
-        progress,
-    )?;
-    out.flush().ctx(|| format!("writing {}", path.display()))?;
-    drop(out);
-    if hasher.finalize().as_bytes() != &p.blake3.0 {
-        return Err(Error::Tampered {
-            payload: p.name.clone(),
-            what: "whole-payload hash mismatch".into(),
-        });
-    }
-    crate::state::persist(tmp, path)?;
-    Ok(p.size)
+enum Sink {
+    Image(blockdev::SlotWriter),
+    File(std::fs::File, Box<blake3::Hasher>),
 }
 
 /// What `verify` checked.
@@ -329,39 +435,45 @@ pub struct VerifyReport {
     pub payloads: usize,
     pub bytes: u64,
     pub signers: Vec<String>,
+    /// The slot an apply would write.
+    pub target: String,
 }
 
-/// Check everything `apply` would check, chunk by chunk and whole payload by whole payload,
-/// without writing anything.
+/// Check everything `apply` would check, including the plan for this device's target slot,
+/// chunk by chunk and whole payload by whole payload, without writing anything.
 pub fn verify_all(
     cfg: &Config,
+    bl: &dyn Bootloader,
     src: &mut Source,
-    min_security_version: u64,
+    opts: &ApplyOptions,
 ) -> Result<VerifyReport> {
-    let (_head, verified) = verify_head(cfg, src, min_security_version)?;
-    let m = &verified.manifest;
+    let state = StateStore::new(&cfg.state_dir).load()?;
+    let floor = Floor::read(&state, bl).effective;
+    let (_head, verified) = verify_head(cfg, src, &state, floor)?;
+    let m = Arc::new(verified.manifest.clone());
+    let plan = prepare(cfg, bl, &state, &m, opts)?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let reader: &mut (dyn Read + Send) = &mut *src.reader;
-    for p in &m.payloads {
-        let mut hasher = blake3::Hasher::new();
-        pipeline::stream_payload(
-            reader,
-            p,
-            workers,
-            |data| {
-                hasher.update(data);
-                Ok(())
-            },
-            |_| {},
-        )?;
-        if hasher.finalize().as_bytes() != &p.blake3.0 {
+    let mut hashers: Vec<blake3::Hasher> =
+        m.payloads.iter().map(|_| blake3::Hasher::new()).collect();
+    let reader = std::mem::replace(&mut src.reader, Box::new(std::io::empty()));
+    pipeline::stream_bundle(
+        reader,
+        m.clone(),
+        workers,
+        |p, data| {
+            hashers[p].update(data);
+            Ok(())
+        },
+        |_| {},
+    )?;
+    for (p, h) in m.payloads.iter().zip(&hashers) {
+        if h.finalize().as_bytes() != &p.blake3.0 {
             return Err(Error::Tampered {
                 payload: p.name.clone(),
                 what: "whole-payload hash mismatch".into(),
             });
         }
     }
-    expect_end(reader)?;
     Ok(VerifyReport {
         bundle_id: verified.id.to_hex(),
         compatible: m.compatible.clone(),
@@ -370,5 +482,6 @@ pub fn verify_all(
         payloads: m.payloads.len(),
         bytes: m.payloads.iter().map(|p| p.size).sum(),
         signers: verified.signers.clone(),
+        target: plan.device.name,
     })
 }

@@ -10,8 +10,8 @@ use std::process::{Command, Output, Stdio};
 use edge_ota::bootloader::env::EnvBootloader;
 use edge_ota::bootloader::file::FileEnv;
 use edge_ota::bootloader::{Bootloader, EnvStore, SlotBootState};
-use edge_ota::bundle::writer::{self, BundleSpec, Chunking, PayloadInput};
 use edge_ota::bundle::PayloadKind;
+use edge_ota_format::build::writer::{self, BundleSpec, Chunking, PayloadInput};
 
 pub fn demo_key(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -19,8 +19,8 @@ pub fn demo_key(name: &str) -> PathBuf {
         .join(name)
 }
 
-pub fn signing_key(name: &str) -> ed25519_dalek::SigningKey {
-    edge_ota::verify::read_private_key(&demo_key(name)).unwrap()
+pub fn signing_key(name: &str) -> edge_ota_format::build::keys::SigningKey {
+    edge_ota_format::build::keys::read_private_key(&demo_key(name)).unwrap()
 }
 
 /// Deterministic test data: pseudo-random, text and zeros, like a filesystem image.
@@ -53,6 +53,7 @@ pub struct BundleOpts {
     pub compatible: String,
     pub version: &'static str,
     pub security_version: u64,
+    pub created: u64,
     pub expires: Option<u64>,
     pub keys: Vec<&'static str>,
     pub payloads: Vec<(PayloadKind, &'static str, Vec<u8>)>,
@@ -64,6 +65,7 @@ impl Default for BundleOpts {
             compatible: "edge-test".into(),
             version: "2.0.0",
             security_version: 2,
+            created: 1_700_000_000,
             expires: None,
             keys: vec!["INSECURE-demo.key.pem"],
             payloads: vec![(PayloadKind::Image, "rootfs", image_bytes(300_000, 1))],
@@ -136,8 +138,55 @@ path = "{d}/healthy"
         Device { dir, config }
     }
 
+    /// The same device with the GRUB backend: two grubenv copies in `grub/`, provisioned by
+    /// `init-boot-env` (slot A good, version 1.0.0, security version 1).
+    pub fn with_grub(slot_size: usize) -> Device {
+        let dev = Self::new(slot_size);
+        std::fs::create_dir_all(dev.path("grub")).unwrap();
+        let cfg = std::fs::read_to_string(&dev.config).unwrap().replace(
+            &format!(
+                "backend = \"file\"\npath = \"{}/bootenv\"",
+                dev.dir.path().display()
+            ),
+            &format!(
+                "backend = \"grub\"\npath = \"{}/grub/grubenv\"",
+                dev.dir.path().display()
+            ),
+        );
+        std::fs::write(&dev.config, cfg).unwrap();
+        let o = dev.run(&[
+            "init-boot-env",
+            "--good",
+            "A",
+            "--version",
+            "1.0.0",
+            "--security-version",
+            "1",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        dev
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Edit the configuration file.
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, f(text)).unwrap();
+    }
+
+    /// Power on: the boot script picks a slot (using up a try) and the kernel command line
+    /// names it (file backend).
+    pub fn boot(&self) -> String {
+        let slot = self
+            .bootloader()
+            .select_and_count()
+            .unwrap()
+            .expect("a bootable slot");
+        self.set_booted(&slot);
+        slot
     }
 
     pub fn bundle(&self, name: &str, o: &BundleOpts) -> PathBuf {
@@ -157,7 +206,7 @@ path = "{d}/healthy"
             compatible: o.compatible.clone(),
             version: o.version.parse().unwrap(),
             security_version: o.security_version,
-            created: 1_700_000_000,
+            created: o.created,
             expires: o.expires,
             payloads: inputs,
             // Small chunks so even small test images have many.
@@ -170,7 +219,7 @@ path = "{d}/healthy"
             threads: 2,
         };
         let keys: Vec<_> = o.keys.iter().map(|k| signing_key(k)).collect();
-        writer::create(&spec, &keys, &out).unwrap();
+        writer::create_file(&spec, &keys, &out).unwrap();
         out
     }
 
@@ -253,7 +302,7 @@ pub fn assert_refused(o: &Output, code: i32, msg: &str) {
 /// Byte ranges of a bundle's parts: (header, manifest, signatures, payload start).
 pub fn layout(bundle: &Path) -> (usize, usize, usize, usize) {
     let mut f = std::fs::File::open(bundle).unwrap();
-    let h = edge_ota::bundle::reader::BundleHead::read(&mut f)
+    let h = edge_ota::bundle::head::BundleHead::read(&mut f)
         .unwrap()
         .header;
     let m = h.manifest_len as usize;

@@ -1,11 +1,11 @@
-//! Reading a bundle from any byte stream (file, pipe, HTTP body): the head (header, manifest,
-//! signatures) first, verified before any payload byte is used; then chunk by chunk.
+//! Reading a bundle's head (header, manifest, signatures) from any byte stream (file, pipe,
+//! HTTP body), verified before any payload byte is used; and the end-of-stream check.
 
 use std::io::{ErrorKind, Read};
 
-use super::{limits, Chunk, Digest, Header, Manifest, HEADER_LEN};
 use crate::error::{Error, Result};
-use crate::verify::{Signatures, TrustedKeys};
+use crate::manifest::{Digest, Header, Manifest, HEADER_LEN};
+use crate::signature::{Signatures, TrustedKeys};
 
 /// The head of a bundle: everything before the chunk data.
 #[derive(Debug, Clone)]
@@ -76,37 +76,10 @@ impl BundleHead {
     /// bundle claims (`info`), never for installing.
     pub fn parse_unverified(&self) -> Result<Manifest> {
         let manifest: Manifest = serde_json::from_slice(&self.manifest_bytes)
-            .map_err(|e| Error::Format(format!("manifest: {e}")))?;
+            .map_err(|e| Error::Malformed(format!("manifest: {e}")))?;
         manifest.validate(&self.header)?;
         Ok(manifest)
     }
-}
-
-/// Decompress one chunk into `out` and check it against the manifest before it may be used.
-/// `out` never grows beyond the chunk's declared length, so a decompression bomb cannot
-/// allocate more than [`limits::MAX_CHUNK`].
-pub fn decode_chunk(
-    dec: &mut zstd::bulk::Decompressor<'_>,
-    chunk: &Chunk,
-    compressed: &[u8],
-    out: &mut Vec<u8>,
-) -> std::result::Result<(), String> {
-    debug_assert!(chunk.len <= limits::MAX_CHUNK);
-    out.clear();
-    out.reserve_exact(chunk.len as usize);
-    let n = dec
-        .decompress_to_buffer(compressed, out)
-        .map_err(|e| format!("does not decompress ({e})"))?;
-    if n != chunk.len as usize {
-        return Err(format!(
-            "decompresses to {n} bytes, manifest says {}",
-            chunk.len
-        ));
-    }
-    if blake3::hash(out).as_bytes() != &chunk.hash.0 {
-        return Err("hash mismatch".into());
-    }
-    Ok(())
 }
 
 /// After the last chunk: the stream must end here.
@@ -115,7 +88,11 @@ pub fn expect_end<R: Read + ?Sized>(r: &mut R) -> Result<()> {
     loop {
         match r.read(&mut b) {
             Ok(0) => return Ok(()),
-            Ok(_) => return Err(Error::Format("trailing data after the last chunk".into())),
+            Ok(_) => {
+                return Err(Error::Malformed(
+                    "trailing data after the last chunk".into(),
+                ))
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(Error::io("reading bundle end", e)),
         }

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 
-use super::{limits, Chunk, Digest, Header, Manifest, Payload, PayloadKind, FORMAT_VERSION};
 use crate::error::{Error, IoContext, Result};
-use crate::verify::Signatures;
+use crate::manifest::{
+    limits, Chunk, Digest, Header, Manifest, Payload, PayloadKind, FORMAT_VERSION,
+};
 
 /// Chunking parameters (bytes).
 #[derive(Debug, Clone, Copy)]
@@ -60,26 +61,27 @@ pub struct BundleSpec {
 /// `BATCH * max chunk` while keeping every core busy.
 const BATCH: usize = 256;
 
-/// Write a bundle to `out` and return its manifest.
-pub fn create(spec: &BundleSpec, keys: &[SigningKey], out: &Path) -> Result<Manifest> {
+/// Write a bundle to `out` (a new file; the caller makes it durable) and return its manifest.
+/// Chunk data is spilled to an unnamed temporary file in `scratch` first: the manifest, which
+/// precedes it, is only known once every chunk is compressed.
+pub fn create(
+    spec: &BundleSpec,
+    keys: &[SigningKey],
+    out: &mut dyn Write,
+    scratch: &Path,
+) -> Result<Manifest> {
     if spec.chunking.max > limits::MAX_CHUNK
         || spec.chunking.min == 0
         || !(spec.chunking.min <= spec.chunking.avg && spec.chunking.avg <= spec.chunking.max)
     {
-        return Err(Error::Usage(format!(
+        return Err(Error::Malformed(format!(
             "invalid chunk sizes {:?} (max {})",
             spec.chunking,
             limits::MAX_CHUNK
         )));
     }
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    // Chunk data goes to a temporary file first: the manifest (which precedes it) is only
-    // known once every chunk is compressed.
-    let mut data =
-        tempfile::tempfile_in(dir).ctx(|| format!("creating temp file in {}", dir.display()))?;
+    let mut data = tempfile::tempfile_in(scratch)
+        .ctx(|| format!("creating temp file in {}", scratch.display()))?;
     let mut data_w = BufWriter::with_capacity(1 << 20, &mut data);
     let mut offset = 0u64;
     let mut payloads = Vec::new();
@@ -105,7 +107,7 @@ pub fn create(spec: &BundleSpec, keys: &[SigningKey], out: &Path) -> Result<Mani
     let sig_bytes = if keys.is_empty() {
         Vec::new()
     } else {
-        serde_json::to_vec(&Signatures::sign(&manifest_bytes, keys)).expect("signatures serialize")
+        serde_json::to_vec(&super::keys::sign(&manifest_bytes, keys)).expect("signatures serialize")
     };
     let header = Header {
         manifest_len: manifest_bytes.len() as u64,
@@ -114,27 +116,26 @@ pub fn create(spec: &BundleSpec, keys: &[SigningKey], out: &Path) -> Result<Mani
     };
     manifest.validate(&header)?;
 
-    let tmp_out = tempfile::NamedTempFile::new_in(dir)
-        .ctx(|| format!("creating temp file in {}", dir.display()))?;
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, tmp_out.as_file());
-        w.write_all(&header.encode())
-            .and_then(|_| w.write_all(&manifest_bytes))
-            .and_then(|_| w.write_all(&sig_bytes))
-            .ctx(|| format!("writing {}", out.display()))?;
-        data.seek(SeekFrom::Start(0))
-            .ctx(|| "rewinding chunk data".into())?;
-        std::io::copy(&mut data, &mut w).ctx(|| format!("writing {}", out.display()))?;
-        w.flush().ctx(|| format!("writing {}", out.display()))?;
-    }
-    // Bundles are public artifacts (the signature protects them), unlike the 0600 temp file.
-    use std::os::unix::fs::PermissionsExt;
-    tmp_out
-        .as_file()
-        .set_permissions(std::fs::Permissions::from_mode(0o644))
-        .ctx(|| format!("setting permissions of {}", out.display()))?;
-    crate::state::persist(tmp_out, out)?;
+    let mut w = BufWriter::with_capacity(1 << 20, out);
+    w.write_all(&header.encode())
+        .and_then(|_| w.write_all(&manifest_bytes))
+        .and_then(|_| w.write_all(&sig_bytes))
+        .ctx(|| "writing the bundle".into())?;
+    data.seek(SeekFrom::Start(0))
+        .ctx(|| "rewinding chunk data".into())?;
+    std::io::copy(&mut data, &mut w).ctx(|| "writing the bundle".into())?;
+    w.flush().ctx(|| "writing the bundle".into())?;
     Ok(manifest)
+}
+
+/// [`create`] into a file at `path` (replaced; not made durable: for tests and scratch use).
+pub fn create_file(spec: &BundleSpec, keys: &[SigningKey], path: &Path) -> Result<Manifest> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut f = File::create(path).ctx(|| format!("creating {}", path.display()))?;
+    create(spec, keys, &mut f, dir)
 }
 
 /// Cut one input into chunks, compress them in parallel batches, append to `w`.
@@ -167,7 +168,7 @@ fn chunk_payload(
                 fastcdc::v2020::Error::IoError(e) => {
                     Error::io(format!("reading {}", input.path.display()), e)
                 }
-                other => Error::Format(format!("chunking {}: {other}", input.path.display())),
+                other => Error::Malformed(format!("chunking {}: {other}", input.path.display())),
             })?;
             whole.update(&c.data);
             size += c.data.len() as u64;

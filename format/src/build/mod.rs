@@ -1,0 +1,4 @@
+//! Build side of the format: bundle creation ([`writer`]) and signing keys ([`keys`]).
+
+pub mod keys;
+pub mod writer;
