@@ -6,9 +6,10 @@ set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "install-deps.sh: run as root" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
 
-# Tools the unit and CLI tests need (real grub-editenv and fw_printenv for round trips).
+# Tools the unit and CLI tests need: real grub-editenv and fw_printenv for round trips,
+# grub-emu to run the real grub.cfg, U-Boot for qemu-arm64 to run the real boot.cmd.
 # fw_printenv/fw_setenv are in libubootenv-tool on Debian 12, not u-boot-tools.
-need=(grub2-common u-boot-tools libubootenv-tool e2fsprogs util-linux fdisk time bc)
+need=(grub2-common grub-emu u-boot-tools u-boot-qemu libubootenv-tool e2fsprogs util-linux fdisk time bc dosfstools mtools)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,7 +19,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The image builder and the QEMU end-to-end tests.
+# The image builder and the QEMU end-to-end tests (this adds bookworm-backports).
 if [ -x image-builder/scripts/install-deps.sh ] || [ -f image-builder/scripts/install-deps.sh ]; then
   bash image-builder/scripts/install-deps.sh
+fi
+
+# qemu-system-aarch64 for the U-Boot test: from bookworm-backports, like qemu-system-x86,
+# because the machine's qemu-utils is the backports version.
+if ! command -v qemu-system-aarch64 >/dev/null 2>&1; then
+  apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-arm >/dev/null
 fi
