@@ -374,3 +374,51 @@ fn not_a_bundle_is_refused() {
     std::fs::write(&p, vec![0x42u8; 4096]).unwrap();
     refused_unchanged(&dev, &p, 10, "not an edge-ota bundle");
 }
+
+#[test]
+fn legacy_zstd_frame_in_a_chunk_is_refused_before_decoding() {
+    let dev = Device::new(1 << 20);
+    let b = dev.bundle("b", &BundleOpts::default());
+    let (_, _, _, payload) = layout(&b);
+    // The magic of a zstd v0.7 frame: the device must never hand it to a decoder.
+    let bad = corrupt(&dev, &b, "legacy", |v| {
+        v[payload..payload + 4].copy_from_slice(&0xFD2F_B527u32.to_le_bytes())
+    });
+    let o = dev.run(&["apply", "--no-reboot", bad.to_str().unwrap()]);
+    assert_refused(&o, 16, "chunk 0 is not a zstd frame of the current format");
+    assert_eq!(dev.boot_state("B"), SlotBootState::Bad);
+}
+
+#[test]
+fn unknown_field_in_a_chunk_entry_is_refused() {
+    let dev = Device::new(1 << 20);
+    let b = dev.bundle("b", &BundleOpts::default());
+    let bad = resigned(&dev, &b, "field", |m| {
+        m["payloads"][0]["chunks"][0]["x"] = 1.into();
+    });
+    refused_unchanged(&dev, &bad, 10, "unknown field `x`");
+    let bad = resigned(&dev, &b, "field2", |m| {
+        m["payloads"][0]["compression"] = "none".into();
+    });
+    refused_unchanged(&dev, &bad, 10, "unknown field `compression`");
+}
+
+#[test]
+fn two_payloads_writing_the_same_file_are_refused() {
+    let dev = Device::new(1 << 20);
+    let b = dev.bundle(
+        "b",
+        &BundleOpts {
+            payloads: vec![
+                (PayloadKind::Image, "rootfs", image_bytes(100_000, 1)),
+                (PayloadKind::File, "a.conf", b"one".to_vec()),
+                (PayloadKind::File, "b.conf", b"two".to_vec()),
+            ],
+            ..Default::default()
+        },
+    );
+    let bad = resigned(&dev, &b, "dup", |m| {
+        m["payloads"][2]["target"] = "a.conf".into();
+    });
+    refused_unchanged(&dev, &bad, 10, "both write file target \"a.conf\"");
+}

@@ -243,3 +243,88 @@ fn file_payloads_larger_than_free_space_are_refused_before_writing() {
     );
     assert_eq!(left, 0, "something was written to the full filesystem");
 }
+
+/// Two 2 MiB partitions on a loop device, the fixture's slots on them, and a bundle.
+fn loop_device_with_slots() -> Option<(Device, Loop, std::path::PathBuf)> {
+    if !edge_ota::testing::is_root() {
+        edge_ota::testing::skip("loop-device slot tests", "needs root for losetup");
+        return None;
+    }
+    let dev = Device::new(16);
+    let disk = dev.path("disk.img");
+    make_gpt_disk(&disk, &[("rootfs-A", 2 * MIB), ("rootfs-B", 2 * MIB)]);
+    let lo = Loop::attach(&disk).expect("attaching a loop device as root");
+    use_partlabels(&dev, &lo.dev);
+    let b = dev.bundle("b", &BundleOpts::default());
+    Some((dev, lo, b))
+}
+
+#[test]
+fn target_held_open_exclusively_is_refused_by_the_kernel() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some((dev, lo, b)) = loop_device_with_slots() else {
+        return;
+    };
+    // Someone else (a mount, device-mapper, another tool) holds the exclusive claim.
+    let holder = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(lo.part(2))
+        .unwrap();
+    let before = blake3::hash(&std::fs::read(lo.part(2)).unwrap());
+    let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
+    drop(holder);
+    assert_refused(&o, 21, "the kernel reports it busy");
+    assert_eq!(before, blake3::hash(&std::fs::read(lo.part(2)).unwrap()));
+    assert_eq!(dev.boot_state("B"), SlotBootState::Bad);
+}
+
+#[test]
+fn target_with_a_device_mapper_holder_is_refused() {
+    use std::os::unix::fs::MetadataExt;
+    let Some((dev, lo, b)) = loop_device_with_slots() else {
+        return;
+    };
+    // The host kernel has no device-mapper: a sysfs tree that shows one (config `sysfs`).
+    let rdev = std::fs::metadata(lo.part(2)).unwrap().rdev();
+    let (maj, min) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let sys = dev.path("sys");
+    std::fs::create_dir_all(sys.join(format!("dev/block/{maj}:{min}/holders/dm-0"))).unwrap();
+    dev.edit_config(|c| {
+        c.replace(
+            "[trust]",
+            &format!("sysfs = \"{}\"\n[trust]", sys.display()),
+        )
+    });
+    let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
+    assert_refused(&o, 21, "is held by dm-0");
+    assert_eq!(dev.boot_state("B"), SlotBootState::Bad);
+}
+
+#[test]
+fn unreadable_mount_table_refuses_a_block_device_target() {
+    let Some((dev, _lo, b)) = loop_device_with_slots() else {
+        return;
+    };
+    dev.edit_config(|c| c.replace("[trust]", "mountinfo = \"/nonexistent/mountinfo\"\n[trust]"));
+    let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
+    assert_refused(&o, 21, "cannot read the mount table /nonexistent/mountinfo");
+    assert_eq!(dev.boot_state("B"), SlotBootState::Bad);
+}
+
+#[test]
+fn partition_and_its_whole_disk_are_the_same_slot() {
+    let Some((dev, lo, b)) = loop_device_with_slots() else {
+        return;
+    };
+    // Slot B configured as the whole loop device: it contains slot A's partition.
+    dev.edit_config(|c| {
+        c.replacen(
+            "partlabel = \"rootfs-B\"",
+            &format!("device = \"{}\"", lo.dev.display()),
+            1,
+        )
+    });
+    let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
+    assert_refused(&o, 21, "resolve to the same device");
+}

@@ -103,22 +103,31 @@ rm -f "$work/rootfs-1-again.img"* "$work/initrd-again.img"* "$work/disk-again.im
 # ---------------------------------------------------------------------------------------
 layout="$work/disk.img.layout.json"
 grubenv_offset=$(grep -o '"grubenv_offset": [0-9]*' "$layout" | grep -o '[0-9]*$')
+grubenv2_offset=$(grep -o '"grubenv2_offset": [0-9]*' "$layout" | grep -o '[0-9]*$')
 part_start() { awk -v n="\"$1\"" '$0 ~ "\"name\": " n { getline; gsub(/[^0-9]/, ""); print; exit }' "$layout"; }
 slot_b_start=$(part_start rootfs-B)
-[ -n "$grubenv_offset" ] && [ -n "$slot_b_start" ] || die "cannot read $layout"
+[ -n "$grubenv_offset" ] && [ -n "$grubenv2_offset" ] && [ -n "$slot_b_start" ] || die "cannot read $layout"
 
-# write_env IMAGE KEY=VALUE...: rewrite the 1024-byte grubenv block in place, as userspace does.
+# write_env IMAGE KEY=VALUE...: rewrite both 1024-byte grubenv copies in place, as userspace
+# does, in the layout of src/bootloader/grubenv.rs: EDGE_SEQ first, a comment line up to byte
+# 960, EDGE_END there, '#' padding.
+env_seq=100
 write_env() {
 	local img=$1
 	shift
+	env_seq=$((env_seq + 1))
 	{
-		printf '# GRUB Environment Block\n'
+		printf '# GRUB Environment Block\nEDGE_SEQ=%s\n' "$env_seq"
 		printf '%s\n' "$@"
 	} >"$work/env.tmp"
 	local n
 	n=$(stat -c %s "$work/env.tmp")
+	{ head -c $((959 - n)) /dev/zero | tr '\0' '#'; printf '\nEDGE_END=%s\n' "$env_seq"; } >>"$work/env.tmp"
+	n=$(stat -c %s "$work/env.tmp")
 	head -c $((1024 - n)) /dev/zero | tr '\0' '#' >>"$work/env.tmp"
-	dd if="$work/env.tmp" of="$img" bs=1024 seek=$((grubenv_offset / 1024)) conv=notrunc status=none
+	for off in "$grubenv_offset" "$grubenv2_offset"; do
+		dd if="$work/env.tmp" of="$img" bs=1024 seek=$((off / 1024)) conv=notrunc status=none
+	done
 }
 read_env() { dd if="$1" bs=1024 skip=$((grubenv_offset / 1024)) count=1 status=none | tr -d '#'; }
 set_slot_b() { dd if="$2" of="$1" bs=1M seek=$((slot_b_start / 1048576)) conv=notrunc status=none; }

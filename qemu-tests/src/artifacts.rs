@@ -14,6 +14,8 @@ pub struct Artifacts {
     pub work: PathBuf,
     /// Disk with slot A = v1 (good), slot B empty (bad).
     pub disk: PathBuf,
+    /// Where its grubenv copies are.
+    pub layout: crate::disk::Layout,
     /// v2 (security version 2), healthy, with a container image archive for slot B.
     pub bundle_v2: PathBuf,
     /// The container image archive inside `bundle_v2`.
@@ -216,6 +218,10 @@ fn build() -> Artifacts {
         "128",
         "--data-size",
         "64",
+        "--slot-a-version",
+        "1.0.0",
+        "--slot-a-security-version",
+        "1",
     ]);
 
     // A stand-in for the Kubernetes images a release ships (an OCI layout archive), made
@@ -305,6 +311,7 @@ fn build() -> Artifacts {
 
     Artifacts {
         disk: work.join("disk-v1.img"),
+        layout: crate::disk::Layout::read(&work.join("disk-v1.img.layout.json")),
         bundle_v2: work.join("v2.eota"),
         container_images: work.join("k8s-images.tar"),
         bundle_health_fail: work.join("v2-health-fail.eota"),

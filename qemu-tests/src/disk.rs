@@ -22,15 +22,45 @@ pub fn partition_hash(disk: &Path, label: &str) -> String {
     blake3::hash(&partition(disk, label)).to_hex().to_string()
 }
 
-/// The grubenv block inside the `boot` partition (found by its header on a 512-byte
-/// boundary, where the filesystem stores the file's first block), parsed by edge-ota's own
-/// strict parser: a corrupt block fails the test.
-pub fn grubenv(disk: &Path) -> BTreeMap<String, String> {
-    let boot = partition(disk, "boot");
-    let header = grubenv::HEADER.as_bytes();
-    let at = (0..boot.len().saturating_sub(grubenv::BLOCK_SIZE))
-        .step_by(512)
-        .find(|&o| boot[o..].starts_with(header))
-        .expect("grubenv block in the boot partition");
-    grubenv::parse(&boot[at..at + grubenv::BLOCK_SIZE], disk).unwrap()
+/// Where the image builder put things (`<disk>.layout.json`), for reading a disk offline.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub grubenv_offset: u64,
+    pub grubenv2_offset: u64,
+}
+
+impl Layout {
+    pub fn read(layout_json: &Path) -> Layout {
+        let text = std::fs::read_to_string(layout_json)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", layout_json.display()));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        Layout {
+            grubenv_offset: v["grubenv_offset"].as_u64().expect("grubenv_offset"),
+            grubenv2_offset: v["grubenv2_offset"].as_u64().expect("grubenv2_offset"),
+        }
+    }
+}
+
+/// The two grubenv copies of a disk image, raw.
+pub fn grubenv_copies(disk: &Path, layout: &Layout) -> [Vec<u8>; 2] {
+    let mut f = std::fs::File::open(disk).unwrap();
+    [layout.grubenv_offset, layout.grubenv2_offset].map(|off| {
+        let mut b = vec![0u8; grubenv::BLOCK_SIZE];
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        b
+    })
+}
+
+/// The boot state GRUB will use (the current one of the two copies), parsed by edge-ota's
+/// own strict parser: no valid copy fails the test. Also asserts both copies agree, as they
+/// must after any completed write.
+pub fn grubenv(disk: &Path, layout: &Layout) -> BTreeMap<String, String> {
+    let copies = grubenv_copies(disk, layout).map(|b| grubenv::parse_copy(&b, disk));
+    let cur = grubenv::GrubEnvPair::current(&copies).expect("a valid grubenv copy");
+    assert_eq!(copies[0], copies[1], "grubenv copies differ: {copies:?}");
+    match &copies[cur] {
+        grubenv::Copy::Valid { vars, .. } => vars.clone(),
+        _ => unreachable!(),
+    }
 }

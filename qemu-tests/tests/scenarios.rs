@@ -127,7 +127,7 @@ fn usb_update_air_gapped() {
             slot_a,
             "slot A was written"
         );
-        let env = disk::grubenv(&d);
+        let env = disk::grubenv(&d, &a.layout);
         assert_eq!(env["EDGE_ORDER"], "B A");
         assert_eq!(env["EDGE_B_STATE"], "good");
         assert_eq!(env["EDGE_A_STATE"], "good");
@@ -291,7 +291,7 @@ fn tampered_bundle_is_refused_without_reboot() {
                 (&a.bundle_tampered_manifest, "manifest.bin"),
             ],
         );
-        let env_before = disk::grubenv(&d);
+        let env_before = disk::grubenv(&d, &a.layout);
         let slot_a = disk::partition_hash(&d, "rootfs-A");
         let mut vm = start(a, "tampered", &d, &usb);
         wait_ready(&mut vm, "A", "1.0.0");
@@ -318,7 +318,11 @@ fn tampered_bundle_is_refused_without_reboot() {
         assert!(!vm_output_has_reboot(
             &a.work.join("logs/tampered.serial.log")
         ));
-        assert_eq!(disk::grubenv(&d), env_before, "boot environment changed");
+        assert_eq!(
+            disk::grubenv(&d, &a.layout),
+            env_before,
+            "boot environment changed"
+        );
         assert_eq!(disk::partition_hash(&d, "rootfs-A"), slot_a);
     });
 }

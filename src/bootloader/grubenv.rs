@@ -900,6 +900,123 @@ mod tests {
         assert!(reason.contains("1025 bytes"), "{reason}");
     }
 
+    // ---- The redundant pair ----
+
+    fn pair(dir: &Path) -> GrubEnvPair {
+        GrubEnvPair::create(dir.join("grubenv"), &protocol_vars()).unwrap()
+    }
+
+    fn with_tries(n: &str) -> BTreeMap<String, String> {
+        let mut v = protocol_vars();
+        v.insert("EDGE_B_TRIES".into(), n.into());
+        v
+    }
+
+    #[test]
+    fn copy_layout_puts_the_end_marker_in_the_second_sector() {
+        let b = serialize_copy(&protocol_vars(), 42).unwrap();
+        assert_eq!(b.len(), BLOCK_SIZE);
+        assert!(b[HEADER.len()..].starts_with(b"EDGE_SEQ=42\n"));
+        assert_eq!(&b[END_AT..END_AT + 12], b"EDGE_END=42\n");
+        assert_eq!(
+            parse_copy(&b, Path::new(P)),
+            Copy::Valid {
+                seq: 42,
+                vars: protocol_vars()
+            }
+        );
+        // Real GRUB tools still read it.
+        assert_eq!(parse(&b, Path::new(P)).unwrap()["EDGE_ORDER"], "A B");
+    }
+
+    #[test]
+    fn torn_write_of_either_copy_leaves_a_valid_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pair(dir.path());
+        p.store(&with_tries("2")).unwrap();
+        let [first, second] = p.paths().map(Path::to_path_buf);
+        // The next store (seq 3) is cut after the first sector of the copy it writes first.
+        let old = std::fs::read(&second).unwrap();
+        let new = serialize_copy(&with_tries("1"), 3).unwrap();
+        let mut torn = new[..512].to_vec();
+        torn.extend_from_slice(&old[512..]);
+        std::fs::write(&second, &torn).unwrap();
+        assert!(matches!(p.read_copies()[1], Copy::Invalid(_)));
+        assert_eq!(p.load().unwrap(), with_tries("2"), "old state, whole");
+        // Or after the first copy was written whole and the second one torn.
+        std::fs::write(&second, &new).unwrap();
+        let mut torn = new[..512].to_vec();
+        torn.extend_from_slice(&std::fs::read(&first).unwrap()[512..]);
+        std::fs::write(&first, &torn).unwrap();
+        assert_eq!(p.load().unwrap(), with_tries("1"), "new state, whole");
+        assert_eq!(p.check().len(), 1);
+    }
+
+    #[test]
+    fn store_writes_the_copy_grub_would_not_boot_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pair(dir.path());
+        let [first, second] = p.paths().map(Path::to_path_buf);
+        // The second copy cannot be written: the store fails before touching the first.
+        std::fs::remove_file(&second).unwrap();
+        std::fs::create_dir(&second).unwrap();
+        assert!(p.store(&with_tries("2")).is_err());
+        assert_eq!(
+            parse_copy(&std::fs::read(&first).unwrap(), &first),
+            Copy::Valid {
+                seq: 1,
+                vars: protocol_vars()
+            }
+        );
+    }
+
+    #[test]
+    fn zeroed_first_copy_loads_from_the_second_and_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pair(dir.path());
+        p.store(&with_tries("2")).unwrap();
+        std::fs::write(p.paths()[0], [0u8; BLOCK_SIZE]).unwrap();
+        assert_eq!(p.load().unwrap(), with_tries("2"));
+        let problems = p.check();
+        assert!(problems[0].contains("copy 1"), "{problems:?}");
+        assert_eq!(p.repair().unwrap(), problems);
+        assert!(p.check().is_empty());
+        let copies = p.read_copies();
+        assert_eq!(copies[0], copies[1]);
+    }
+
+    #[test]
+    fn missing_second_copy_is_recreated_by_the_next_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pair(dir.path());
+        std::fs::remove_file(p.paths()[1]).unwrap();
+        assert_eq!(p.load().unwrap(), protocol_vars());
+        p.store(&with_tries("2")).unwrap();
+        let copies = p.read_copies();
+        assert_eq!(
+            copies[1],
+            Copy::Valid {
+                seq: 2,
+                vars: with_tries("2")
+            }
+        );
+        assert_eq!(copies[0], copies[1]);
+    }
+
+    #[test]
+    fn neither_copy_valid_is_corrupt_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pair(dir.path());
+        std::fs::write(p.paths()[0], [0u8; BLOCK_SIZE]).unwrap();
+        std::fs::remove_file(p.paths()[1]).unwrap();
+        let e = p.load().unwrap_err().to_string();
+        assert!(
+            e.contains("neither copy is valid") && e.contains("is missing"),
+            "{e}"
+        );
+        assert!(p.repair().is_err());
+    }
+
     // ---- Against Debian's real grub-editenv (grub2-common) ----
 
     /// The grub-editenv binary, or None after saying why the test is skipped (a failure

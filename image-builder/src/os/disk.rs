@@ -25,6 +25,10 @@ pub struct DiskOpts {
     pub grub_dir: PathBuf,
     pub seed: String,
     pub force: bool,
+    /// Version and security version of slot A's image, recorded in the data partition's
+    /// state file as a provisioned, confirmed slot (so `status` knows what runs).
+    pub slot_a_version: Option<String>,
+    pub slot_a_security_version: u64,
 }
 
 const SECTOR: u64 = 512;
@@ -102,10 +106,27 @@ fn write_gpt(file: fs::File, name: &Path, parts: &[Part], seed: &str) -> Result<
     disk.write().map_err(gerr)
 }
 
-fn boot_tree(grub_cfg: &str, grub_dir: &Path) -> Result<Tree> {
+/// The provisioned boot state, both copies (sequence 1): A good, B bad, the floor at A's
+/// security version. Built by the updater's own code, so the two can never disagree.
+fn initial_env(floor: u64) -> Result<Vec<u8>> {
+    use edge_ota::bootloader::env::{EnvBootloader, FLOOR};
+    use edge_ota::bootloader::file::FileEnv;
+    let mut vars = EnvBootloader::<FileEnv>::initial_vars(&["A".into(), "B".into()], "A");
+    vars.insert(FLOOR.into(), floor.to_string());
+    edge_ota::bootloader::grubenv::serialize_copy(&vars, 1)
+        .map_err(|e| invalid(format!("grubenv: {e}")))
+}
+
+fn boot_tree(grub_cfg: &str, grub_dir: &Path, floor: u64) -> Result<Tree> {
     let mut t = Tree::new();
     t.file_bytes("grub/grub.cfg", grub_cfg, 0o644)?;
-    t.file_bytes("grub/grubenv", grub::grubenv(grub::INITIAL_ENV)?, 0o644)?;
+    let env = initial_env(floor)?;
+    t.file_bytes("grub/grubenv", env.clone(), 0o644)?;
+    t.file_bytes(
+        &format!("grub/{}", edge_ota::bootloader::grubenv::SECOND_COPY),
+        env,
+        0o644,
+    )?;
     // All modules, for `insmod` at the GRUB prompt; booting needs only those in core.img.
     let mut names: Vec<String> = fs::read_dir(grub_dir)
         .ctx(|| format!("listing {}", grub_dir.display()))?
@@ -124,9 +145,34 @@ fn boot_tree(grub_cfg: &str, grub_dir: &Path) -> Result<Tree> {
     Ok(t)
 }
 
-fn data_tree() -> Result<Tree> {
+/// The updater's state file as provisioning leaves it: slot A holds `image` (its size and
+/// blake3, so a later kernel-only bundle can prove it intact), confirmed at `epoch`.
+fn provisioned_state(o: &DiskOpts, epoch: u64) -> Result<Vec<u8>> {
+    use edge_ota::state::{ImageRecord, SlotStatus, State};
+    let img = fs::read(&o.slot_a).ctx(|| format!("reading {}", o.slot_a.display()))?;
+    let mut st = State {
+        min_security_version: o.slot_a_security_version,
+        newest_seen: epoch,
+        ..State::default()
+    };
+    let a = st.slot_mut("A");
+    a.status = SlotStatus::Installed;
+    a.version = o.slot_a_version.clone();
+    a.security_version = Some(o.slot_a_security_version);
+    a.confirmed_at = Some(epoch);
+    a.image = Some(ImageRecord {
+        size: img.len() as u64,
+        blake3: edge_ota::bundle::Digest::of(&img),
+    });
+    let mut bytes = serde_json::to_vec_pretty(&st).expect("state serializes");
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+fn data_tree(state: Vec<u8>) -> Result<Tree> {
     let mut t = Tree::new();
     t.dir_mode("lib/edge-ota", 0o700)?;
+    t.file_bytes("lib/edge-ota/state.json", state, 0o644)?;
     t.dir("lib/containerd-images")?;
     t.dir("log")?;
     t.dir_mode("tmp", 0o1777)?;
@@ -140,8 +186,9 @@ struct LayoutJson<'a> {
     disk_guid: String,
     boot_fs_uuid: &'a str,
     data_fs_uuid: &'a str,
-    /// Absolute byte offset of the 1024-byte grubenv block in the disk image.
+    /// Absolute byte offsets of the two 1024-byte grubenv copies in the disk image.
     grubenv_offset: u64,
+    grubenv2_offset: u64,
     partitions: Vec<PartJson<'a>>,
 }
 
@@ -219,7 +266,11 @@ pub fn build(o: &DiskOpts) -> Result<()> {
     let mut stamp = Stamp::new("disk");
     stamp
         // Bump when what this step writes changes for the same inputs.
-        .add("format", "1")
+        .add("format", "2")
+        .add(
+            "slot-a",
+            format!("{:?} {}", o.slot_a_version, o.slot_a_security_version),
+        )
         .add("grub.cfg", &grub_cfg)
         .add(
             "sizes",
@@ -267,7 +318,7 @@ pub fn build(o: &DiskOpts) -> Result<()> {
     let boot_uuid = util::uuid_from_seed(&o.seed, "fs:boot");
     let boot_fs = scratch.join("boot.ext2");
     ext4::make_image(
-        &boot_tree(&grub_cfg, &o.grub_dir)?,
+        &boot_tree(&grub_cfg, &o.grub_dir, o.slot_a_security_version)?,
         &boot_fs,
         &FsOpts {
             fs_type: "ext2",
@@ -283,12 +334,17 @@ pub fn build(o: &DiskOpts) -> Result<()> {
     )?;
     util::copy_into_sparse(&boot_fs, &mut file, &tmp, part("boot").start)?;
     let grubenv_offset = part("boot").start + file_offset_in_fs(&boot_fs, "/grub/grubenv")?;
+    let grubenv2_offset = part("boot").start
+        + file_offset_in_fs(
+            &boot_fs,
+            &format!("/grub/{}", edge_ota::bootloader::grubenv::SECOND_COPY),
+        )?;
 
     // data: persistent state, journaled.
     let data_uuid = util::uuid_from_seed(&o.seed, "fs:data");
     let data_fs = scratch.join("data.ext4");
     ext4::make_image(
-        &data_tree()?,
+        &data_tree(provisioned_state(o, epoch)?)?,
         &data_fs,
         &FsOpts {
             fs_type: "ext4",
@@ -348,6 +404,7 @@ pub fn build(o: &DiskOpts) -> Result<()> {
         boot_fs_uuid: &boot_uuid,
         data_fs_uuid: &data_uuid,
         grubenv_offset,
+        grubenv2_offset,
         partitions: parts
             .iter()
             .enumerate()

@@ -37,36 +37,6 @@ pub const CORE_MODULES: &[&str] = &[
     "cat",
 ];
 
-/// Size of a grubenv block (GRUB rewrites it in place and never changes its size).
-pub const GRUBENV_SIZE: usize = 1024;
-const GRUBENV_HEADER: &str = "# GRUB Environment Block\n";
-
-/// The initial boot state: A confirmed, B empty and never to be booted.
-pub const INITIAL_ENV: &[(&str, &str)] = &[
-    ("EDGE_ORDER", "A B"),
-    ("EDGE_A_STATE", "good"),
-    ("EDGE_A_TRIES", "0"),
-    ("EDGE_B_STATE", "bad"),
-    ("EDGE_B_TRIES", "0"),
-];
-
-/// A grubenv block: header, `key=value` lines, padded with `#` to 1024 bytes.
-pub fn grubenv(vars: &[(&str, &str)]) -> Result<Vec<u8>> {
-    let mut s = String::from(GRUBENV_HEADER);
-    for (k, v) in vars {
-        if k.is_empty() || k.contains(['=', '\n', '\\']) || v.contains(['\n', '\\']) {
-            return Err(invalid(format!("grubenv: cannot store {k:?}={v:?}")));
-        }
-        s.push_str(&format!("{k}={v}\n"));
-    }
-    if s.len() > GRUBENV_SIZE {
-        return Err(invalid("grubenv: variables exceed 1024 bytes"));
-    }
-    let mut b = s.into_bytes();
-    b.resize(GRUBENV_SIZE, b'#');
-    Ok(b)
-}
-
 /// Embedded config: serial console, find the boot partition by filesystem UUID; GRUB then
 /// enters normal mode and runs $prefix/grub.cfg. Runs in GRUB's rescue parser: simple
 /// commands only. Output goes to the serial port only: SeaBIOS already mirrors the BIOS
@@ -155,17 +125,6 @@ pub fn patch_core_img(core: &mut Vec<u8>, core_lba: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grubenv_block() {
-        let b = grubenv(INITIAL_ENV).unwrap();
-        assert_eq!(b.len(), 1024);
-        let s = String::from_utf8(b).unwrap();
-        assert!(s.starts_with("# GRUB Environment Block\nEDGE_ORDER=A B\nEDGE_A_STATE=good\n"));
-        assert!(s.contains("EDGE_B_TRIES=0\n###"));
-        assert!(s.ends_with('#'));
-        assert!(grubenv(&[("A", "x\ny")]).is_err());
-    }
 
     #[test]
     fn patches_boot_and_core() {

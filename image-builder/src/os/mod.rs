@@ -103,7 +103,7 @@ pub enum OsCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Build the GPT disk: bios, boot (GRUB, grub.cfg, grubenv), rootfs-A, rootfs-B, data.
+    /// Build the GPT disk: bios, boot (GRUB, grub.cfg, two grubenv copies), rootfs-A, rootfs-B, data.
     Disk {
         /// Root filesystem image for slot A.
         #[arg(long)]
@@ -132,6 +132,12 @@ pub enum OsCommand {
         /// Seed for the disk, partition and filesystem GUIDs.
         #[arg(long, default_value = "edge-ota")]
         seed: String,
+        /// Version of slot A's image, recorded as provisioned in the state file.
+        #[arg(long)]
+        slot_a_version: Option<String>,
+        /// Security version of slot A's image: the anti-rollback floor starts there.
+        #[arg(long, default_value_t = 0)]
+        slot_a_security_version: u64,
         /// Rebuild even if the output is up to date.
         #[arg(long)]
         force: bool,
@@ -199,6 +205,8 @@ pub fn run(cmd: OsCommand) -> Result<(), OsError> {
             grub_cfg,
             grub_dir,
             seed,
+            slot_a_version,
+            slot_a_security_version,
             force,
         } => disk::build(&disk::DiskOpts {
             slot_a,
@@ -211,6 +219,8 @@ pub fn run(cmd: OsCommand) -> Result<(), OsError> {
             grub_dir,
             seed,
             force,
+            slot_a_version,
+            slot_a_security_version,
         }),
     }
 }

@@ -97,7 +97,11 @@ log "running edge-ota health"
 /usr/bin/edge-ota health
 rc=$?
 log "health exit=$rc"
-if [ "$rc" -ne 0 ]; then
+if [ "$rc" -eq 8 ]; then
+	# The gate could not judge this slot (state or boot environment broken, or a slot booted
+	# as the bootloader's last resort): nothing was confirmed, and rebooting would not help.
+	log "WARNING: slot not confirmed; it keeps running (edge-ota status says how to repair)"
+elif [ "$rc" -ne 0 ]; then
 	# The slot stays unconfirmed; rebooting lets the bootloader count the try and fall back.
 	log "health failed, rebooting"
 	sync
