@@ -77,6 +77,7 @@ impl Vm {
         let c = console.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
+            let mut shown = Shown::default();
             loop {
                 let n = match stdout.read(&mut buf) {
                     Ok(0) | Err(_) => break,
@@ -84,7 +85,7 @@ impl Vm {
                 };
                 let _ = log_file.write_all(&buf[..n]);
                 if echo {
-                    let _ = std::io::stderr().write_all(&buf[..n]);
+                    let _ = std::io::stderr().write_all(shown.feed(&buf[..n]).as_bytes());
                 }
                 c.text
                     .lock()
@@ -224,6 +225,55 @@ impl Vm {
     /// Output seen so far (whole console).
     pub fn output(&self) -> String {
         self.console.text.lock().unwrap().clone()
+    }
+}
+
+/// What the echoed console shows a person: the harness's own protocol (the `; echo "@@"...`
+/// it appends to each command, and the `@@rc-N=...@@` line that answers it) is left out.
+/// Partial lines are shown at once unless they might still become protocol.
+#[derive(Default)]
+struct Shown {
+    partial: String,
+}
+
+impl Shown {
+    fn feed(&mut self, bytes: &[u8]) -> String {
+        self.partial.push_str(&String::from_utf8_lossy(bytes));
+        let mut out = String::new();
+        while let Some(nl) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=nl).collect();
+            out.push_str(&Self::filter(&line));
+        }
+        if !self.partial.contains([';', '@']) {
+            out.push_str(&std::mem::take(&mut self.partial));
+        }
+        out
+    }
+
+    fn filter(line: &str) -> String {
+        if line.trim_start().starts_with("@@rc-") {
+            return String::new();
+        }
+        match line.find("; echo \"@@\"\"rc-") {
+            Some(at) => {
+                let ending = &line[line.trim_end_matches(['\r', '\n']).len()..];
+                format!("{}{ending}", &line[..at])
+            }
+            None => line.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Shown;
+
+    #[test]
+    fn console_shown_to_a_person_has_no_harness_protocol() {
+        let mut s = Shown::default();
+        let mut out = s.feed(b"edge# edge-ota status; echo \"@@\"");
+        out += &s.feed(b"\"rc-3=$?@@\"\r\nbooted: A\r\n@@rc-3=0@@\r\nedge# ");
+        assert_eq!(out, "edge# edge-ota status\r\nbooted: A\r\nedge# ");
     }
 }
 
