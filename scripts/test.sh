@@ -10,6 +10,13 @@ else
 fi
 # A test that needs root, a tool or QEMU fails here instead of skipping (src/testing.rs).
 export EDGE_OTA_REQUIRE_ALL=1
+# The device binary carries no build-side code (chunker, writer) and no legacy zstd decoders.
+device_deps=$(cargo tree -p edge-ota -e normal,features --prefix none --no-dedupe)
+if grep -Eq '^fastcdc |zstd-safe feature "legacy"|edge-ota-format feature "build"' <<<"$device_deps"; then
+  echo "test.sh: the device build pulls in build-side code or zstd's legacy decoders:" >&2
+  grep -E '^fastcdc |zstd-safe feature "legacy"|edge-ota-format feature "build"' <<<"$device_deps" >&2
+  exit 1
+fi
 cargo test --workspace --exclude qemu-tests
 # Crash tests: the updater killed at each step that commits state.
 cargo test --features failpoints --test crash_points
