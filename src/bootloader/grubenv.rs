@@ -295,7 +295,13 @@ pub fn parse_copy(block: &[u8], path: &Path) -> Copy {
     };
     let (seq, end) = (vars.remove(SEQ), vars.remove(END));
     match (seq, end) {
-        (Some(s), Some(e)) if s == e && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+        // Plain decimal, no leading zero: GRUB's `-gt` reads "010" as octal.
+        (Some(s), Some(e))
+            if s == e
+                && !s.is_empty()
+                && s.bytes().all(|b| b.is_ascii_digit())
+                && (s == "0" || !s.starts_with('0')) =>
+        {
             match s.parse() {
                 Ok(seq) => Copy::Valid { seq, vars },
                 Err(_) => Copy::Invalid(format!("{SEQ}={s:?} is out of range")),
@@ -950,6 +956,20 @@ mod tests {
         std::fs::write(&first, &torn).unwrap();
         assert_eq!(p.load().unwrap(), with_tries("1"), "new state, whole");
         assert_eq!(p.check().len(), 1);
+    }
+
+    #[test]
+    fn sequence_with_a_leading_zero_is_invalid_as_grub_would_misread_it() {
+        let mut b = serialize_copy(&protocol_vars(), 10).unwrap();
+        let at = HEADER.len() + "EDGE_SEQ=".len();
+        b.splice(at..at + 2, *b"010");
+        b.truncate(END_AT - 1);
+        b.resize(END_AT - 1, b'#');
+        b.extend_from_slice(b"\nEDGE_END=010\n");
+        b.resize(BLOCK_SIZE, b'#');
+        // A well-formed block, only its sequence is refused.
+        assert_eq!(parse(&b, Path::new(P)).unwrap()[SEQ], "010");
+        assert!(matches!(parse_copy(&b, Path::new(P)), Copy::Invalid(_)));
     }
 
     #[test]
