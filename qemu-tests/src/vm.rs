@@ -264,6 +264,13 @@ impl Shown {
     }
 }
 
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Shown;
@@ -274,12 +281,5 @@ mod tests {
         let mut out = s.feed(b"edge# edge-ota status; echo \"@@\"");
         out += &s.feed(b"\"rc-3=$?@@\"\r\nbooted: A\r\n@@rc-3=0@@\r\nedge# ");
         assert_eq!(out, "edge# edge-ota status\r\nbooted: A\r\nedge# ");
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
