@@ -78,6 +78,19 @@ pub enum Error {
     Busy(String),
     #[error("clock: {0}")]
     Clock(String),
+    /// The network source could not be read and retrying gave up (the reason says why).
+    #[error("network: {url}: {reason}")]
+    Network { url: String, reason: String },
+    /// The bundle at the source changed while it was being read (ETag/Last-Modified differ):
+    /// chunks of two bundles are never mixed.
+    #[error("source changed: {url}: {reason}")]
+    SourceChanged { url: String, reason: String },
+    /// The update would download more than allowed (`--max-download`, `[network] max_download`).
+    #[error("data budget: the update needs {need} bytes from the network, the budget is {budget}")]
+    DataBudget { need: u64, budget: u64 },
+    /// `--offline` and something would have to come from the network.
+    #[error("offline: {0}")]
+    Offline(String),
 }
 
 impl Error {
@@ -114,6 +127,10 @@ impl Error {
             Error::OnlyGoodSlot(_) => 22,
             Error::Busy(_) => 23,
             Error::Clock(_) => 24,
+            Error::Network { .. } => 25,
+            Error::SourceChanged { .. } => 26,
+            Error::DataBudget { .. } => 27,
+            Error::Offline(_) => 28,
         }
     }
 }

@@ -1,0 +1,1 @@
+//! Bundles over HTTP(S) by range requests (to be written: see the network issue).
