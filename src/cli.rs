@@ -8,14 +8,12 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::bootloader;
-use crate::bundle::head::BundleHead;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::health::Verdict;
 use crate::install::{self, ApplyOptions};
 use crate::lock::OpLock;
 use crate::progress::Progress;
-use crate::source::Source;
 
 /// Schema version of every `--json` document.
 pub const JSON_VERSION: u32 = 1;
@@ -47,7 +45,7 @@ fn tries_arg() -> clap::builder::RangedI64ValueParser<u32> {
 pub enum Command {
     /// Verify a bundle and install it into the inactive slot, then boot it next.
     Apply {
-        /// Bundle path, or - for standard input.
+        /// Bundle: a path, an http:// or https:// URL, or - for standard input.
         source: String,
         /// Install into this slot (never the booted one).
         #[arg(long)]
@@ -58,14 +56,16 @@ pub enum Command {
         /// Do not reboot when done; the caller reboots.
         #[arg(long)]
         no_reboot: bool,
-        /// No progress bar.
+        /// No progress bar (same as --progress none).
         #[arg(long, short)]
         quiet: bool,
+        #[command(flatten)]
+        net: NetArgs,
     },
     /// Every check apply makes (signatures, policy, the target slot, sizes, every chunk),
     /// writing nothing.
     Verify {
-        /// Bundle path, or - for standard input.
+        /// Bundle: a path, an http:// or https:// URL, or - for standard input.
         source: String,
         /// Check for this target slot instead of the inactive one.
         #[arg(long)]
@@ -73,7 +73,7 @@ pub enum Command {
     },
     /// Show what a bundle contains, and who signed it when the configuration's keys verify it.
     Info {
-        /// Bundle path, or - for standard input.
+        /// Bundle: a path, an http:// or https:// URL, or - for standard input.
         source: String,
     },
     /// Show slots, boot state, installed versions, rollbacks and anything that needs repair.
@@ -109,6 +109,57 @@ pub enum Command {
     /// Repair the boot environment and the state file from what can be proven (the booted
     /// slot, recorded slot images, the floor's two copies).
     Repair,
+}
+
+/// Network and progress options of the commands that fetch.
+#[derive(Debug, clap::Args)]
+pub struct NetArgs {
+    /// Refuse the update if it would fetch more than this many bytes from the source
+    /// (default: `max_download` in the configuration).
+    #[arg(long, value_name = "BYTES")]
+    max_download: Option<u64>,
+    /// Never touch the network: every chunk must be on the device or staged by `fetch`.
+    #[arg(long)]
+    offline: bool,
+    /// Limit the download rate, bytes per second.
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    max_rate: Option<u64>,
+    /// Progress: a bar on a terminal (auto), JSON Lines on standard output (jsonl), or none.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: crate::progress::ProgressMode,
+}
+
+impl NetArgs {
+    fn limits(&self, cfg: &Config) -> install::Limits {
+        install::Limits {
+            max_download: self.max_download.or(cfg.max_download),
+            offline: self.offline,
+        }
+    }
+
+    fn http(&self, cfg: &Config) -> crate::source::http::HttpOptions {
+        let mut o = cfg.network.clone();
+        if self.max_rate.is_some() {
+            o.max_rate = self.max_rate;
+        }
+        o
+    }
+
+    fn progress(&self, quiet: bool, json: bool) -> Progress {
+        use crate::progress::ProgressMode;
+        match self.progress {
+            ProgressMode::Auto if quiet || json => Progress::hidden(),
+            mode => Progress::new(mode),
+        }
+    }
+
+    /// Open the source, refusing the network when offline.
+    fn open(&self, cfg: &Config, spec: &str) -> Result<install::BundleSource> {
+        if self.offline && (spec.starts_with("http://") || spec.starts_with("https://")) {
+            return Err(Error::Offline(format!("{spec} is on the network")));
+        }
+        install::BundleSource::open(spec, &self.http(cfg))
+    }
 }
 
 fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) {
@@ -147,25 +198,34 @@ pub fn run(cli: Cli) -> Result<u8> {
             tries,
             no_reboot,
             quiet,
+            net,
         } => {
             let cfg = load()?;
             let _lock = lock(&cfg, "apply")?;
             let mut bl = bootloader::open(&cfg)?;
-            let mut src = Source::open(&source)?;
+            let src = net.open(&cfg, &source)?;
             let opts = ApplyOptions { slot, tries };
-            let report = install::apply(
-                &cfg,
-                bl.as_mut(),
-                &mut src,
-                &opts,
-                &Progress::auto(quiet || json),
-            )?;
-            print(json, &report, || {
-                format!(
-                    "installed {} (security version {}) into slot {}; it boots next ({} tries)\n",
-                    report.bundle_version, report.security_version, report.slot, report.tries
-                )
-            });
+            let progress = net.progress(quiet, json);
+            let report =
+                install::apply(&cfg, bl.as_mut(), src, &opts, &net.limits(&cfg), &progress)?;
+            if progress.is_jsonl() {
+                progress.event(crate::progress::Event::Phase {
+                    phase: "done".into(),
+                    detail: serde_json::to_string(&report).expect("serializable"),
+                });
+            } else {
+                print(json, &report, || {
+                    format!(
+                        "installed {} (security version {}) into slot {}; it boots next ({} tries); fetched {} bytes, reused {}\n",
+                        report.bundle_version,
+                        report.security_version,
+                        report.slot,
+                        report.tries,
+                        report.bytes_fetched,
+                        report.bytes_reused
+                    )
+                });
+            }
             if !no_reboot {
                 reboot()?;
             }
@@ -174,9 +234,9 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Verify { source, slot } => {
             let cfg = load()?;
             let bl = bootloader::open(&cfg)?;
-            let mut src = Source::open(&source)?;
+            let src = install::BundleSource::open(&source, &cfg.network)?;
             let opts = ApplyOptions { slot, tries: None };
-            let v = install::verify_all(&cfg, bl.as_ref(), &mut src, &opts)?;
+            let v = install::verify_all(&cfg, bl.as_ref(), src, &opts)?;
             print(json, &v, || {
                 format!(
                     "OK: {} version {} (security version {}), {} payload(s), signed by {}; it would go to slot {}\n",
@@ -191,8 +251,11 @@ pub fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Info { source } => {
-            let mut src = Source::open(&source)?;
-            let head = BundleHead::read(&mut src.reader)?;
+            let net = match Config::load(&config_path) {
+                Ok(c) => c.network,
+                Err(_) => Default::default(),
+            };
+            let head = install::BundleSource::open(&source, &net)?.read_head()?;
             let manifest = head.parse_unverified()?;
             // Only keys the configuration trusts can say who signed; without a configuration
             // nothing is verified, and a broken configuration is an error, not "no config".

@@ -41,6 +41,15 @@ pub struct Config {
     pub bootloader: BootloaderConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    /// HTTP(S) sources: timeouts, retries, rate, extra CA, client certificate.
+    #[serde(default)]
+    pub network: crate::source::http::HttpOptions,
+    /// Refuse an update that would download more than this many bytes (`--max-download`).
+    #[serde(default)]
+    pub max_download: Option<u64>,
+    /// Where `fetch` stages bundles (default: `<state_dir>/cache`, on the data partition).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -357,6 +366,9 @@ impl Config {
             return Err(err(format!("tries {} must be 1..9", c.tries)));
         }
         check_health(&c.health).map_err(err)?;
+        c.network
+            .validate()
+            .map_err(|e| err(format!("[network]: {e}")))?;
         Ok(c)
     }
 
@@ -371,6 +383,13 @@ impl Config {
             .map(|p| read_public_key(p))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(TrustedKeys::new(keys, self.trust.threshold)?)
+    }
+
+    /// The staging cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("cache"))
     }
 
     pub fn slot(&self, name: &str) -> Result<&SlotConfig> {

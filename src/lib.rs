@@ -5,7 +5,7 @@
 //! expiry against a trusted clock, anti-rollback), [`slot`] (devices, booted slot, identity),
 //! [`install`] (plan and the streaming apply pipeline), [`bootloader`] (backends behind one
 //! trait), [`health`] (probes and verdict); then [`control`] (mark-good/bad/active, the
-//! known-good rule, the floor, status), [`repair`], [`lock`] (one operation at a time),
+//! known-good rule, the floor, status), [`repair`], [`stage`] (pre-staged downloads), [`lock`] (one operation at a time),
 //! [`state`] (persistent, atomic via [`fsutil`]), [`config`], [`error`] (exit codes), [`cli`].
 
 pub mod bootloader;
@@ -23,6 +23,7 @@ pub mod progress;
 pub mod repair;
 pub mod slot;
 pub mod source;
+pub mod stage;
 pub mod state;
 #[doc(hidden)]
 pub mod testing;

@@ -25,6 +25,27 @@ pub enum SlotStatus {
     Installed,
 }
 
+impl InstallProgress {
+    /// Ranges `[a, b)` from a sorted list of chunk indexes.
+    pub fn ranges(done: &[u32]) -> Vec<[u32; 2]> {
+        let mut out: Vec<[u32; 2]> = Vec::new();
+        for &i in done {
+            match out.last_mut() {
+                Some(r) if r[1] == i => r[1] = i + 1,
+                _ => out.push([i, i + 1]),
+            }
+        }
+        out
+    }
+
+    /// Whether chunk `i` of payload `p` is done.
+    pub fn has(&self, p: usize, i: u32) -> bool {
+        self.done
+            .get(p)
+            .is_some_and(|rs| rs.iter().any(|r| r[0] <= i && i < r[1]))
+    }
+}
+
 impl SlotStatus {
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -61,6 +82,29 @@ pub struct SlotRecord {
     /// of them it has not been booted yet (pending), once fewer are left a boot was attempted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activated_tries: Option<u32>,
+    /// While an install is under way: which chunks of which bundle are already written,
+    /// fsynced and verified in this slot, so an interrupted apply of the same bundle continues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<InstallProgress>,
+    /// The chunk table of the image this slot holds (version 2 bundles): a later update can
+    /// take any chunk it shares from this slot instead of the network (re-hashed when used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<ChunkTable>,
+}
+
+/// Chunks of an interrupted install.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallProgress {
+    pub bundle_id: String,
+    /// Per payload (in manifest order), the indexes of the chunks done, as ranges `[a, b)`.
+    pub done: Vec<Vec<[u32; 2]>>,
+}
+
+/// A slot image's chunks on a fixed grid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkTable {
+    pub chunk_size: u32,
+    pub hashes: Vec<crate::bundle::Digest>,
 }
 
 /// A slot image: `size` bytes from the start of the slot device, with this blake3.
@@ -82,6 +126,8 @@ impl Default for SlotRecord {
             failure: None,
             image: None,
             activated_tries: None,
+            progress: None,
+            chunks: None,
         }
     }
 }

@@ -32,7 +32,8 @@ pub struct TrustedTime {
 
 impl TrustedTime {
     pub fn new(clock: u64, newest_seen: u64) -> Self {
-        let floor = newest_seen.max(BUILD_TIME);
+        // (Not `max`: a build without a recorded time has BUILD_TIME 0.)
+        let floor = [newest_seen, BUILD_TIME].into_iter().max().unwrap_or(0);
         TrustedTime {
             now: clock.max(floor),
             clock_behind: clock < floor,

@@ -12,6 +12,8 @@ use crate::signature::{Signatures, TrustedKeys};
 pub struct BundleHead {
     pub header: Header,
     pub manifest_bytes: Vec<u8>,
+    /// The signatures block exactly as stored.
+    pub signatures_bytes: Vec<u8>,
     pub signatures: Signatures,
 }
 
@@ -23,6 +25,31 @@ pub struct Verified {
     pub signers: Vec<String>,
     /// blake3 of the signed manifest bytes.
     pub id: Digest,
+}
+
+impl BundleHead {
+    /// The manifest's JSON: as stored in version 1, zstd-compressed in version 2 (checked
+    /// frame, bounded size; the signature covers the compressed bytes, so a verified
+    /// manifest is decompressed only after its signature passed).
+    pub fn manifest_json(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        if self.header.version == crate::manifest::FORMAT_V1 {
+            return Ok(std::borrow::Cow::Borrowed(&self.manifest_bytes));
+        }
+        crate::frame::decompress_bounded(
+            &self.manifest_bytes,
+            crate::manifest::limits::MAX_MANIFEST_JSON,
+        )
+        .map(std::borrow::Cow::Owned)
+        .map_err(|e| Error::Malformed(format!("manifest {e}")))
+    }
+
+    /// The whole head as stored (header, manifest, signatures): what a staging cache keeps.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.header.encode().to_vec();
+        out.extend_from_slice(&self.manifest_bytes);
+        out.extend_from_slice(&self.signatures_bytes);
+        out
+    }
 }
 
 /// `read_exact` that reports running out of input as a truncated bundle.
@@ -56,6 +83,7 @@ impl BundleHead {
         Ok(BundleHead {
             header,
             manifest_bytes,
+            signatures_bytes: sig_bytes,
             signatures,
         })
     }
@@ -75,7 +103,8 @@ impl BundleHead {
     /// Parse and validate the manifest WITHOUT checking signatures: only for showing what a
     /// bundle claims (`info`), never for installing.
     pub fn parse_unverified(&self) -> Result<Manifest> {
-        let manifest: Manifest = serde_json::from_slice(&self.manifest_bytes)
+        let json = self.manifest_json()?;
+        let manifest: Manifest = serde_json::from_slice(&json)
             .map_err(|e| Error::Malformed(format!("manifest: {e}")))?;
         manifest.validate(&self.header)?;
         Ok(manifest)

@@ -5,6 +5,7 @@
 //! compiled only with the `build` feature, so the device binary carries none of them.
 
 pub mod error;
+pub mod frame;
 pub mod head;
 pub mod manifest;
 pub mod signature;

@@ -1,6 +1,12 @@
-//! Format types (version 1, see docs/bundle-format.md): the fixed header, the signed
-//! manifest with its payloads and chunk tables, and the structural checks made on a verified
+//! Format types (docs/bundle-format.md): the fixed header, the signed manifest with its
+//! payloads, chunk tables and delta variants, and the structural checks made on a verified
 //! manifest before anything in it is used.
+//!
+//! Version 2 (written): payloads are cut on a fixed grid of large chunks, each one zstd frame
+//! (all-zero chunks take no bytes), and an image payload may carry deltas: recipes that
+//! rebuild it from a named earlier image (copy a block, zeros, or take it from a literal
+//! stream compressed against ranges of that image). Version 1 (still read): content-defined
+//! chunks, each its own frame.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,16 +15,21 @@ use crate::error::{Error, Result};
 /// First 8 bytes of every bundle.
 pub const MAGIC: [u8; 8] = *b"EDGE-OTA";
 /// Format version written in the header and the manifest.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The first version, still read.
+pub const FORMAT_V1: u32 = 1;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 64;
 
 /// Hard limits: every length read from a bundle is checked against these before it is used,
 /// so hostile input cannot make the device allocate or loop without bound.
 pub mod limits {
-    /// Largest manifest accepted (a 64 GiB image with 64 KiB chunks needs about 120 MiB; we
-    /// refuse more than this rather than hold it all in memory on a small device).
+    /// Largest manifest accepted as stored (a 64 GiB image with 64 KiB chunks needs about
+    /// 120 MiB in version 1; we refuse more than this rather than hold it all in memory on a
+    /// small device).
     pub const MAX_MANIFEST: u64 = 32 << 20;
+    /// Largest manifest once decompressed (version 2 stores it zstd-compressed).
+    pub const MAX_MANIFEST_JSON: u64 = 64 << 20;
     /// Largest signatures block.
     pub const MAX_SIGNATURES: u64 = 64 << 10;
     /// Most signatures in one bundle.
@@ -35,6 +46,16 @@ pub mod limits {
     pub const MAX_PAYLOAD_SIZE: u64 = 1 << 40;
     /// Longest name, target or compatible string.
     pub const MAX_NAME: usize = 255;
+    /// Deltas per payload.
+    pub const MAX_DELTAS: usize = 8;
+    /// Runs in one delta recipe.
+    pub const MAX_RUNS: usize = 1 << 22;
+    /// Largest literal frame of a delta, uncompressed.
+    pub const MAX_DELTA_FRAME: u32 = 8 << 20;
+    /// Largest prefix (base ranges read into memory) of one literal frame.
+    pub const MAX_PREFIX: u64 = 16 << 20;
+    /// Base ranges in one prefix.
+    pub const MAX_PREFIX_RANGES: usize = 4096;
 }
 
 /// A 32-byte blake3 digest, hex in JSON.
@@ -88,6 +109,8 @@ impl<'de> Deserialize<'de> for Digest {
 /// signed manifest or must be zero, so a flipped header bit is always refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// Format version (1 or 2).
+    pub version: u32,
     pub manifest_len: u64,
     pub signatures_len: u64,
     pub payload_len: u64,
@@ -97,8 +120,8 @@ impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        // 12..16: flags, zero in version 1.
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
+        // 12..16: flags, zero.
         b[16..24].copy_from_slice(&self.manifest_len.to_le_bytes());
         b[24..32].copy_from_slice(&self.signatures_len.to_le_bytes());
         b[32..40].copy_from_slice(&self.payload_len.to_le_bytes());
@@ -113,9 +136,9 @@ impl Header {
             ));
         }
         let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
-        if version != FORMAT_VERSION {
+        if !(FORMAT_V1..=FORMAT_VERSION).contains(&version) {
             return Err(Error::Malformed(format!(
-                "unsupported format version {version} (this edge-ota reads {FORMAT_VERSION})"
+                "unsupported format version {version} (this edge-ota reads {FORMAT_V1} to {FORMAT_VERSION})"
             )));
         }
         if b[12..16] != [0; 4] || b[40..64] != [0; 24] {
@@ -123,6 +146,7 @@ impl Header {
         }
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         let h = Header {
+            version,
             manifest_len: u64_at(16),
             signatures_len: u64_at(24),
             payload_len: u64_at(32),
@@ -184,7 +208,8 @@ impl PayloadKind {
     }
 }
 
-/// One chunk: where its compressed bytes are and what they must decompress to.
+/// One chunk: where its compressed bytes are and what they must decompress to. In version 2 a
+/// chunk with no compressed bytes (`clen` 0) is all zeros.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Chunk {
@@ -212,7 +237,124 @@ pub struct Payload {
     pub size: u64,
     /// blake3 of the whole uncompressed payload.
     pub blake3: Digest,
+    /// Version 2: every chunk but the last is exactly this long (the last is at most), so
+    /// chunk i starts at byte i × chunk_size of the payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<u32>,
     pub chunks: Vec<Chunk>,
+    /// Version 2, image payloads: ways to rebuild this payload from an earlier image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<Delta>,
+}
+
+impl Payload {
+    /// Where chunk `i` starts in the uncompressed payload.
+    pub fn chunk_start(&self, i: usize) -> u64 {
+        match self.chunk_size {
+            Some(cs) => i as u64 * u64::from(cs),
+            None => self.chunks[..i].iter().map(|c| u64::from(c.len)).sum(),
+        }
+    }
+
+    /// Compressed bytes of the full chunks.
+    pub fn compressed_len(&self) -> u64 {
+        self.chunks.iter().map(|c| u64::from(c.clen)).sum()
+    }
+}
+
+/// The identity of an image: a slot holding exactly these bytes at its start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageId {
+    pub size: u64,
+    pub blake3: Digest,
+}
+
+/// How to rebuild a payload from an earlier image (`base`), block by block: copy a block of
+/// the base, write zeros, or take the next block of the literal stream. The literal stream
+/// is stored in frames, each compressed against a prefix made of ranges of the base (the
+/// data the new blocks most resemble), and each covering whole chunks of the payload, so
+/// every chunk can be rebuilt, and checked against its signed hash, on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delta {
+    pub base: ImageId,
+    /// The release the base image is (for messages and plans).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_version: Option<String>,
+    /// Block size of the recipe (divides the chunk size).
+    pub block: u32,
+    /// The recipe, in payload order: `[0, n, b]` copy n blocks from base block b on,
+    /// `[1, n]` n zero blocks, `[2, n]` n blocks from the literal stream.
+    pub runs: Vec<Run>,
+    pub frames: Vec<DeltaFrame>,
+}
+
+/// One run of a delta recipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Run {
+    Copy { count: u32, from: u64 },
+    Zero { count: u32 },
+    Literal { count: u32 },
+}
+
+impl Run {
+    pub fn count(&self) -> u32 {
+        match *self {
+            Run::Copy { count, .. } | Run::Zero { count } | Run::Literal { count } => count,
+        }
+    }
+}
+
+impl Serialize for Run {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match *self {
+            Run::Copy { count, from } => (0u8, count, from).serialize(s),
+            Run::Zero { count } => (1u8, count).serialize(s),
+            Run::Literal { count } => (2u8, count).serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Run {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v: Vec<u64> = Vec::deserialize(d)?;
+        let bad = || serde::de::Error::custom(format!("bad delta run {v:?}"));
+        let count = |x: u64| u32::try_from(x).map_err(|_| bad());
+        match v.as_slice() {
+            [0, n, b] => Ok(Run::Copy {
+                count: count(*n)?,
+                from: *b,
+            }),
+            [1, n] => Ok(Run::Zero { count: count(*n)? }),
+            [2, n] => Ok(Run::Literal { count: count(*n)? }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// A frame of a delta's literal stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaFrame {
+    /// Offset of the compressed bytes from the start of the payload area.
+    #[serde(rename = "o")]
+    pub offset: u64,
+    #[serde(rename = "c")]
+    pub clen: u32,
+    /// Uncompressed length: the literal blocks of the chunks it covers.
+    #[serde(rename = "l")]
+    pub len: u32,
+    /// The payload chunks whose literal blocks it holds: `[first, end)`.
+    pub chunks: [u32; 2],
+    /// Base byte ranges `[offset, length]`, read in order and concatenated: the zstd prefix.
+    pub prefix: Vec<[u64; 2]>,
+}
+
+impl DeltaFrame {
+    pub fn prefix_len(&self) -> u64 {
+        self.prefix.iter().map(|r| r[1]).sum()
+    }
 }
 
 /// The signed description of a bundle.
@@ -237,10 +379,10 @@ impl Manifest {
     /// Structural checks, done after the signature is verified and before anything is used:
     /// limits, chunk table contiguity, sizes adding up, safe names.
     pub fn validate(&self, header: &Header) -> Result<()> {
-        if self.format != FORMAT_VERSION {
+        if self.format != header.version {
             return Err(Error::Malformed(format!(
-                "manifest format {} (expected {FORMAT_VERSION})",
-                self.format
+                "manifest format {} does not match the header's version {}",
+                self.format, header.version
             )));
         }
         if self.payload_len != header.payload_len {
@@ -295,38 +437,27 @@ impl Manifest {
                     limits::MAX_PAYLOAD_SIZE
                 )));
             }
-            let mut size = 0u64;
-            for (i, c) in p.chunks.iter().enumerate() {
-                if c.len == 0 || c.len > limits::MAX_CHUNK {
-                    return Err(Error::Limit(format!(
-                        "payload {:?} chunk {i}: length {} (limit {})",
-                        p.name,
-                        c.len,
-                        limits::MAX_CHUNK
-                    )));
-                }
-                if c.clen == 0 || c.clen > limits::MAX_CHUNK_COMPRESSED {
-                    return Err(Error::Limit(format!(
-                        "payload {:?} chunk {i}: compressed length {} (limit {})",
-                        p.name,
-                        c.clen,
-                        limits::MAX_CHUNK_COMPRESSED
-                    )));
-                }
-                if c.offset != next_offset {
-                    return Err(Error::Malformed(format!(
-                        "payload {:?} chunk {i}: offset {} (expected {next_offset})",
-                        p.name, c.offset
-                    )));
-                }
-                next_offset += u64::from(c.clen);
-                size += u64::from(c.len);
-            }
+            let size = if self.format == FORMAT_V1 {
+                check_chunks_v1(p, &mut next_offset)?
+            } else {
+                check_chunks_v2(p, &mut next_offset)?
+            };
             if size != p.size {
                 return Err(Error::Malformed(format!(
                     "payload {:?}: chunks add up to {size} bytes, manifest says {}",
                     p.name, p.size
                 )));
+            }
+            if p.deltas.len() > limits::MAX_DELTAS {
+                return Err(Error::Limit(format!(
+                    "payload {:?}: {} deltas (limit {})",
+                    p.name,
+                    p.deltas.len(),
+                    limits::MAX_DELTAS
+                )));
+            }
+            for d in &p.deltas {
+                check_delta(p, d, &mut next_offset)?;
             }
         }
         check_targets_distinct(&self.payloads)?;
@@ -343,6 +474,217 @@ impl Manifest {
     pub fn id(manifest_bytes: &[u8]) -> Digest {
         Digest::of(manifest_bytes)
     }
+}
+
+fn check_chunk_lengths(p: &Payload, i: usize, c: &Chunk, zero_ok: bool) -> Result<()> {
+    if c.len == 0 || c.len > limits::MAX_CHUNK {
+        return Err(Error::Limit(format!(
+            "payload {:?} chunk {i}: length {} (limit {})",
+            p.name,
+            c.len,
+            limits::MAX_CHUNK
+        )));
+    }
+    if (c.clen == 0 && !zero_ok) || c.clen > limits::MAX_CHUNK_COMPRESSED {
+        return Err(Error::Limit(format!(
+            "payload {:?} chunk {i}: compressed length {} (limit {})",
+            p.name,
+            c.clen,
+            limits::MAX_CHUNK_COMPRESSED
+        )));
+    }
+    Ok(())
+}
+
+fn check_offset(what: &str, offset: u64, next_offset: &mut u64, clen: u32) -> Result<()> {
+    if offset != *next_offset {
+        return Err(Error::Malformed(format!(
+            "{what}: offset {offset} (expected {next_offset})"
+        )));
+    }
+    *next_offset += u64::from(clen);
+    Ok(())
+}
+
+/// Version 1: content-defined chunks, each its own frame, contiguous. Returns their size.
+fn check_chunks_v1(p: &Payload, next_offset: &mut u64) -> Result<u64> {
+    if p.chunk_size.is_some() || !p.deltas.is_empty() {
+        return Err(Error::Malformed(format!(
+            "payload {:?}: chunk_size and deltas do not exist in format 1",
+            p.name
+        )));
+    }
+    let mut size = 0u64;
+    for (i, c) in p.chunks.iter().enumerate() {
+        check_chunk_lengths(p, i, c, false)?;
+        check_offset(
+            &format!("payload {:?} chunk {i}", p.name),
+            c.offset,
+            next_offset,
+            c.clen,
+        )?;
+        size += u64::from(c.len);
+    }
+    Ok(size)
+}
+
+/// Version 2: a fixed grid of chunks (the last may be shorter); zero chunks take no bytes.
+fn check_chunks_v2(p: &Payload, next_offset: &mut u64) -> Result<u64> {
+    let cs = p
+        .chunk_size
+        .ok_or_else(|| Error::Malformed(format!("payload {:?}: no chunk_size", p.name)))?;
+    if !(4096..=limits::MAX_CHUNK).contains(&cs) || cs % 4096 != 0 {
+        return Err(Error::Limit(format!(
+            "payload {:?}: chunk_size {cs} (a multiple of 4096 up to {})",
+            p.name,
+            limits::MAX_CHUNK
+        )));
+    }
+    let want = p.size.div_ceil(u64::from(cs));
+    if p.chunks.len() as u64 != want {
+        return Err(Error::Malformed(format!(
+            "payload {:?}: {} chunks, {want} expected for {} bytes",
+            p.name,
+            p.chunks.len(),
+            p.size
+        )));
+    }
+    let mut size = 0u64;
+    for (i, c) in p.chunks.iter().enumerate() {
+        check_chunk_lengths(p, i, c, true)?;
+        let expected = (p.size - i as u64 * u64::from(cs)).min(u64::from(cs));
+        if u64::from(c.len) != expected {
+            return Err(Error::Malformed(format!(
+                "payload {:?} chunk {i}: length {} off the grid of {cs}",
+                p.name, c.len
+            )));
+        }
+        check_offset(
+            &format!("payload {:?} chunk {i}", p.name),
+            c.offset,
+            next_offset,
+            c.clen,
+        )?;
+        size += u64::from(c.len);
+    }
+    Ok(size)
+}
+
+/// A delta must rebuild exactly the payload: its runs cover every block once, copies stay
+/// inside the base, and its literal frames hold exactly the literal blocks of the chunks they
+/// claim, with prefixes inside the base and within the memory limits.
+fn check_delta(p: &Payload, d: &Delta, next_offset: &mut u64) -> Result<()> {
+    let bad = |what: String| Error::Malformed(format!("payload {:?} delta: {what}", p.name));
+    let cs = u64::from(p.chunk_size.unwrap_or(0));
+    let block = u64::from(d.block);
+    if p.kind != PayloadKind::Image {
+        return Err(bad("deltas exist only for images".into()));
+    }
+    if block < 512 || !block.is_power_of_two() || cs % block != 0 || p.size % block != 0 {
+        return Err(bad(format!(
+            "block {block} must be a power of two dividing the chunk size and the payload size"
+        )));
+    }
+    if d.runs.len() > limits::MAX_RUNS {
+        return Err(Error::Limit(format!(
+            "payload {:?} delta: {} runs (limit {})",
+            p.name,
+            d.runs.len(),
+            limits::MAX_RUNS
+        )));
+    }
+    let base_blocks = d.base.size / block;
+    let per_chunk = cs / block;
+    let mut literal_in_chunk = vec![0u64; p.chunks.len()];
+    let mut at = 0u64;
+    for r in &d.runs {
+        let n = u64::from(r.count());
+        if n == 0 {
+            return Err(bad("a run of 0 blocks".into()));
+        }
+        if let Run::Copy { from, .. } = *r {
+            if from.checked_add(n).is_none_or(|end| end > base_blocks) {
+                return Err(bad(format!(
+                    "copies base blocks {from}..{} of {base_blocks}",
+                    from.saturating_add(n)
+                )));
+            }
+        }
+        if at + n > p.size / block {
+            return Err(bad("runs cover more than the payload".into()));
+        }
+        if let Run::Literal { .. } = r {
+            // Count literal blocks per chunk without walking them one by one.
+            let mut b = at;
+            while b < at + n {
+                let chunk = b / per_chunk;
+                let end = ((chunk + 1) * per_chunk).min(at + n);
+                literal_in_chunk[chunk as usize] += end - b;
+                b = end;
+            }
+        }
+        at += n;
+    }
+    if at != p.size / block {
+        return Err(bad(format!(
+            "runs cover {at} blocks, the payload has {}",
+            p.size / block
+        )));
+    }
+    let mut covered = 0usize;
+    for (k, f) in d.frames.iter().enumerate() {
+        let [first, end] = f.chunks.map(|c| c as usize);
+        if first < covered || end <= first || end > p.chunks.len() {
+            return Err(bad(format!(
+                "frame {k} covers chunks {first}..{end} out of order"
+            )));
+        }
+        if literal_in_chunk[covered..first].iter().any(|&n| n > 0) {
+            return Err(bad(format!(
+                "literal blocks before frame {k} are in no frame"
+            )));
+        }
+        let lit: u64 = literal_in_chunk[first..end].iter().sum();
+        if lit == 0 || u64::from(f.len) != lit * block || f.len > limits::MAX_DELTA_FRAME {
+            return Err(bad(format!(
+                "frame {k}: length {} for {lit} literal blocks (limit {})",
+                f.len,
+                limits::MAX_DELTA_FRAME
+            )));
+        }
+        if f.clen == 0 || f.clen > limits::MAX_DELTA_FRAME + (64 << 10) {
+            return Err(Error::Limit(format!(
+                "payload {:?} delta frame {k}: compressed length {}",
+                p.name, f.clen
+            )));
+        }
+        if f.prefix.len() > limits::MAX_PREFIX_RANGES || f.prefix_len() > limits::MAX_PREFIX {
+            return Err(Error::Limit(format!(
+                "payload {:?} delta frame {k}: prefix of {} bytes in {} ranges",
+                p.name,
+                f.prefix_len(),
+                f.prefix.len()
+            )));
+        }
+        for &[off, len] in &f.prefix {
+            if len == 0 || off.checked_add(len).is_none_or(|e| e > d.base.size) {
+                return Err(bad(format!(
+                    "frame {k}: prefix range {off}+{len} outside the base"
+                )));
+            }
+        }
+        check_offset(
+            &format!("payload {:?} delta frame {k}", p.name),
+            f.offset,
+            next_offset,
+            f.clen,
+        )?;
+        covered = end;
+    }
+    if literal_in_chunk[covered..].iter().any(|&n| n > 0) {
+        return Err(bad("literal blocks after the last frame".into()));
+    }
+    Ok(())
 }
 
 /// Two payloads of the same kind must not write the same place, nor one inside the other
@@ -403,6 +745,7 @@ mod tests {
     #[test]
     fn header_round_trip() {
         let h = Header {
+            version: FORMAT_V1,
             manifest_len: 100,
             signatures_len: 20,
             payload_len: 1 << 30,
@@ -414,6 +757,7 @@ mod tests {
     #[test]
     fn header_bit_flip_in_a_constant_field_is_refused() {
         let h = Header {
+            version: FORMAT_V1,
             manifest_len: 100,
             signatures_len: 20,
             payload_len: 4096,
@@ -439,6 +783,7 @@ mod tests {
         // signed manifest says: validate() refuses it.
         let m = sample_manifest();
         let good = Header {
+            version: FORMAT_V1,
             manifest_len: 100,
             signatures_len: 20,
             payload_len: m.payload_len,
@@ -460,7 +805,7 @@ mod tests {
 
     fn sample_manifest() -> Manifest {
         Manifest {
-            format: FORMAT_VERSION,
+            format: FORMAT_V1,
             compatible: "c".into(),
             version: "1.0.0".parse().unwrap(),
             security_version: 1,
@@ -473,12 +818,14 @@ mod tests {
                 target: "rootfs".into(),
                 size: 100,
                 blake3: Digest([0; 32]),
+                chunk_size: None,
                 chunks: vec![Chunk {
                     offset: 0,
                     clen: 10,
                     len: 100,
                     hash: Digest([0; 32]),
                 }],
+                deltas: vec![],
             }],
         }
     }
@@ -492,17 +839,20 @@ mod tests {
             target: target.into(),
             size: 1,
             blake3: Digest([0; 32]),
+            chunk_size: None,
             chunks: vec![Chunk {
                 offset,
                 clen: 1,
                 len: 1,
                 hash: Digest([0; 32]),
             }],
+            deltas: vec![],
         };
         m.payloads.push(file("a", "etc/x", 10));
         m.payloads.push(file("b", "etc/x", 11));
         m.payload_len = 12;
         let h = Header {
+            version: FORMAT_V1,
             manifest_len: 1,
             signatures_len: 0,
             payload_len: 12,
@@ -522,6 +872,7 @@ mod tests {
         m.payloads[0].chunks.clear();
         m.payload_len = 0;
         let h = Header {
+            version: FORMAT_V1,
             manifest_len: 1,
             signatures_len: 0,
             payload_len: 0,
@@ -550,6 +901,7 @@ mod tests {
     #[test]
     fn hostile_manifest_length_is_refused() {
         let h = Header {
+            version: FORMAT_V1,
             manifest_len: u64::MAX,
             signatures_len: 0,
             payload_len: 0,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use edge_ota::error::{Error, IoContext, Result};
 use edge_ota_format::build::keys;
-use edge_ota_format::build::writer::{self, BundleSpec, Chunking, PayloadInput};
+use edge_ota_format::build::writer::{self, BundleSpec, Chunking, DeltaInput, PayloadInput};
 use edge_ota_format::head::BundleHead;
 use edge_ota_format::signature;
 use edge_ota_format::PayloadKind;
@@ -28,8 +28,8 @@ pub enum BundleCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Measure chunk reuse: how much of NEW a device holding OLD's content already has
-    /// (chunks with equal hashes), i.e. what a delta update would still have to fetch.
+    /// What a device running OLD's image would fetch of NEW: its head, plus a delta from
+    /// OLD if NEW carries one, else the chunks whose hashes OLD lacks (each counted once).
     Reuse { old: PathBuf, new: PathBuf },
 }
 
@@ -66,19 +66,26 @@ pub struct CreateArgs {
     /// Expiry relative to the creation time.
     #[arg(long)]
     expires_in_days: Option<u64>,
-    /// zstd level.
-    #[arg(long, default_value_t = 3)]
+    /// zstd level (large frames at a high level: the download is what costs).
+    #[arg(long, default_value_t = 19)]
     level: i32,
     /// Compression threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Average chunk size in KiB (min = avg/4, max = avg*4).
-    #[arg(long, default_value_t = 64)]
-    chunk_kib: u32,
-    /// Fixed-size chunks of exactly --chunk-kib instead of content-defined ones (for
-    /// comparing delta reuse; see bench/chunking.sh).
+    /// Format version: 2 (chunk grid, deltas, compressed manifest) or 1.
+    #[arg(long, default_value_t = 2)]
+    format: u32,
+    /// Chunk size in KiB: format 2's grid (default 4096), format 1's content-defined average
+    /// (min = avg/4, max = avg*4; default 64).
+    #[arg(long)]
+    chunk_kib: Option<u32>,
+    /// Format 1: fixed-size chunks of exactly --chunk-kib instead of content-defined ones.
     #[arg(long)]
     fixed_chunks: bool,
+    /// Also carry a delta of the rootfs image from this earlier image, for devices that run
+    /// it: IMAGE or IMAGE=VERSION (the version is shown in their plans). Repeatable.
+    #[arg(long = "delta-from", value_name = "IMAGE[=VERSION]")]
+    delta_from: Vec<String>,
 }
 
 pub fn keygen(a: KeygenArgs) -> Result<()> {
@@ -157,15 +164,22 @@ pub fn create(a: CreateArgs) -> Result<()> {
         .iter()
         .map(|k| keys::read_private_key(k))
         .collect::<Result<Vec<_>, _>>()?;
-    let avg = a.chunk_kib << 10;
-    let spec = BundleSpec {
-        compatible: a.compatible,
-        version: a.version,
-        security_version: a.security_version,
+    let mut spec = BundleSpec::new(
+        &a.compatible,
+        a.version,
+        a.security_version,
         created,
-        expires,
         payloads,
-        chunking: if a.fixed_chunks {
+    );
+    spec.expires = expires;
+    spec.format = a.format;
+    spec.zstd_level = a.level;
+    if let Some(t) = a.threads {
+        spec.threads = t;
+    }
+    if a.format == 1 {
+        let avg = a.chunk_kib.unwrap_or(64) << 10;
+        spec.chunking = if a.fixed_chunks {
             Chunking {
                 min: avg,
                 avg,
@@ -177,12 +191,21 @@ pub fn create(a: CreateArgs) -> Result<()> {
                 avg,
                 max: avg * 4,
             }
-        },
-        zstd_level: a.level,
-        threads: a
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-    };
+        };
+    } else if let Some(kib) = a.chunk_kib {
+        spec.chunk_size = kib << 10;
+    }
+    for d in &a.delta_from {
+        let (base, version) = match d.split_once('=') {
+            Some((b, v)) => (PathBuf::from(b), Some(v.to_string())),
+            None => (PathBuf::from(d), None),
+        };
+        spec.deltas.push(DeltaInput {
+            payload: "rootfs".into(),
+            base,
+            base_version: version,
+        });
+    }
     let m = write_bundle(&spec, &keys, &a.out)?;
     let chunks: usize = m.payloads.iter().map(|p| p.chunks.len()).sum();
     let size: u64 = m.payloads.iter().map(|p| p.size).sum();
@@ -232,34 +255,56 @@ fn newest_mtime(payloads: &[PayloadInput]) -> Result<u64> {
     Ok(newest)
 }
 
-fn read_manifest(path: &std::path::Path) -> Result<edge_ota_format::Manifest> {
-    let mut f = std::fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
-    Ok(BundleHead::read(&mut f)?.parse_unverified()?)
-}
-
 fn reuse(old: &std::path::Path, new: &std::path::Path) -> Result<()> {
-    let old = read_manifest(old)?;
-    let new = read_manifest(new)?;
-    let have: std::collections::HashSet<_> = old
-        .payloads
-        .iter()
-        .flat_map(|p| p.chunks.iter().map(|c| c.hash))
-        .collect();
-    let (mut chunks, mut reused, mut bytes, mut fetch) = (0usize, 0usize, 0u64, 0u64);
-    for c in new.payloads.iter().flat_map(|p| &p.chunks) {
-        chunks += 1;
-        bytes += u64::from(c.clen);
-        if have.contains(&c.hash) {
-            reused += 1;
-        } else {
-            fetch += u64::from(c.clen);
+    let old_head = read_head(old)?;
+    let old = old_head.parse_unverified()?;
+    let new_head = read_head(new)?;
+    let new_m = new_head.parse_unverified()?;
+    let head = new_head.header.payload_offset();
+    let mut fetch = 0u64;
+    let mut delta = 0u64;
+    let mut how = "chunks";
+    for p in &new_m.payloads {
+        let old_p = old.payloads.iter().find(|o| o.name == p.name);
+        // The image a device running OLD holds, as recorded at its install.
+        let base = old_p.map(|o| (o.size, o.blake3));
+        if let Some(d) = p
+            .deltas
+            .iter()
+            .find(|d| Some((d.base.size, d.base.blake3)) == base)
+        {
+            let frames: u64 = d.frames.iter().map(|f| u64::from(f.clen)).sum();
+            delta += frames;
+            fetch += frames;
+            how = "delta";
+            continue;
+        }
+        let have: std::collections::HashSet<_> = old_p
+            .map(|o| o.chunks.iter().map(|c| c.hash).collect())
+            .unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        for c in &p.chunks {
+            if !have.contains(&c.hash) && seen.insert(c.hash) {
+                fetch += u64::from(c.clen);
+            }
         }
     }
+    let total = std::fs::metadata(new)
+        .ctx(|| format!("reading {}", new.display()))?
+        .len();
     println!(
-        "{reused}/{chunks} chunks reused; to fetch: {fetch} of {bytes} compressed bytes ({:.2}%)",
-        100.0 * fetch as f64 / bytes.max(1) as f64
+        "a device running the old image fetches {} bytes of {total} ({:.2}%): head {head}, {} {}",
+        head + fetch,
+        100.0 * (head + fetch) as f64 / total.max(1) as f64,
+        how,
+        if how == "delta" { delta } else { fetch }
     );
     Ok(())
+}
+
+fn read_head(path: &std::path::Path) -> Result<BundleHead> {
+    let mut f = std::fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
+    Ok(BundleHead::read(&mut f)?)
 }
 
 pub fn run(c: BundleCommand) -> Result<()> {

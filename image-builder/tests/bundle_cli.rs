@@ -75,12 +75,15 @@ fn bundle_info_json_shows_the_manifest() {
     assert_eq!(v["manifest"]["version"], "1.2.3");
     assert_eq!(v["manifest"]["payloads"][0]["size"], 4_000_000);
     assert_eq!(v["signatures"][0], "083283e8ebdabafd");
-    assert!(
+    // Format 2: 4 MiB chunks on a grid, so 4 MB is one chunk.
+    assert_eq!(v["manifest"]["format"], 2);
+    assert_eq!(v["manifest"]["payloads"][0]["chunk_size"], 4 << 20);
+    assert_eq!(
         v["manifest"]["payloads"][0]["chunks"]
             .as_array()
             .unwrap()
-            .len()
-            > 10
+            .len(),
+        1
     );
 }
 

@@ -1,64 +1,11 @@
 //! Decoding one chunk. Its compressed bytes are not covered by any signature until they are
 //! decompressed and hashed, so the decoder sees hostile input: before any decoding, the bytes
-//! must be exactly one zstd frame of the current format (RFC 8878), without a dictionary,
-//! declaring the content size the signed manifest gives. Legacy (v0.1–v0.7) and skippable
-//! frames never reach the decoder, and the workspace builds zstd without its legacy decoders.
+//! must pass [`check_frame`] (exactly one current-format zstd frame, no dictionary, the
+//! declared size the signed manifest gives). The workspace builds zstd without its legacy
+//! decoders.
 
+use super::frame::check_frame;
 use super::{limits, Chunk};
-
-/// Magic number of a current-format zstd frame.
-const ZSTD_MAGIC: u32 = 0xFD2F_B528;
-
-/// Check the frame header of `compressed` against the chunk's declared length. Returns a
-/// reason for the refusal.
-pub fn check_frame(compressed: &[u8], len: u32) -> Result<(), String> {
-    let b = compressed;
-    if b.len() < 5 || u32::from_le_bytes([b[0], b[1], b[2], b[3]]) != ZSTD_MAGIC {
-        return Err("is not a zstd frame of the current format".into());
-    }
-    let fhd = b[4];
-    let fcs_flag = fhd >> 6;
-    let single_segment = fhd & 0x20 != 0;
-    if fhd & 0x08 != 0 {
-        return Err("has a zstd frame header with the reserved bit set".into());
-    }
-    if fhd & 0x03 != 0 {
-        return Err("needs a zstd dictionary (bundles never use one)".into());
-    }
-    let mut at = 5 + usize::from(!single_segment);
-    let fcs_len = match (fcs_flag, single_segment) {
-        (0, false) => return Err("is a zstd frame without a declared content size".into()),
-        (0, true) => 1,
-        (1, _) => 2,
-        (2, _) => 4,
-        _ => 8,
-    };
-    let field = b
-        .get(at..at + fcs_len)
-        .ok_or("ends inside its zstd frame header")?;
-    at += fcs_len;
-    let mut size = field
-        .iter()
-        .rev()
-        .fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
-    if fcs_len == 2 {
-        size += 256;
-    }
-    if size != u64::from(len) {
-        return Err(format!(
-            "declares {size} bytes of content, the manifest says {len}"
-        ));
-    }
-    debug_assert!(at <= b.len());
-    match zstd::zstd_safe::find_frame_compressed_size(b) {
-        Ok(n) if n == b.len() => Ok(()),
-        Ok(n) => Err(format!(
-            "has {} bytes after its zstd frame",
-            b.len().saturating_sub(n)
-        )),
-        Err(_) => Err("is not a complete zstd frame".into()),
-    }
-}
 
 /// Check, decompress one chunk into `out` and check it against the manifest before it may be
 /// used. `out` never grows beyond the chunk's declared length, so a decompression bomb
@@ -86,6 +33,58 @@ pub fn decode_chunk(
         return Err("hash mismatch".into());
     }
     Ok(())
+}
+
+/// [`decode_chunk`] into a slice of exactly the chunk's length (an aligned write buffer).
+pub fn decode_chunk_into(
+    dec: &mut zstd::bulk::Decompressor<'_>,
+    chunk: &Chunk,
+    compressed: &[u8],
+    out: &mut [u8],
+) -> Result<(), String> {
+    debug_assert_eq!(out.len(), chunk.len as usize);
+    check_frame(compressed, chunk.len)?;
+    let n = dec
+        .decompress_to_buffer(compressed, out)
+        .map_err(|e| format!("does not decompress ({e})"))?;
+    if n != chunk.len as usize {
+        return Err(format!(
+            "decompresses to {n} bytes, manifest says {}",
+            chunk.len
+        ));
+    }
+    if blake3::hash(out).as_bytes() != &chunk.hash.0 {
+        return Err("hash mismatch".into());
+    }
+    Ok(())
+}
+
+/// Decompress a delta's literal frame (checked first: one frame, its declared length `len`)
+/// against `prefix`, the base ranges the builder compressed it with. The result is not
+/// covered by a hash itself: the chunks rebuilt from it are checked one by one.
+pub fn decode_with_prefix(compressed: &[u8], len: u32, prefix: &[u8]) -> Result<Vec<u8>, String> {
+    check_frame(compressed, len)?;
+    let mut dctx = zstd::zstd_safe::DCtx::try_create().ok_or("no zstd context")?;
+    // The frame's window reaches back over the whole prefix.
+    let need = (prefix.len() + len as usize)
+        .max(1 << 10)
+        .next_power_of_two()
+        .trailing_zeros();
+    dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(need.max(10)))
+        .map_err(|c| format!("zstd: {}", zstd::zstd_safe::get_error_name(c)))?;
+    dctx.ref_prefix(prefix)
+        .map_err(|c| format!("zstd: {}", zstd::zstd_safe::get_error_name(c)))?;
+    let mut out = Vec::with_capacity(len as usize);
+    let n = dctx.decompress(&mut out, compressed).map_err(|c| {
+        format!(
+            "does not decompress ({})",
+            zstd::zstd_safe::get_error_name(c)
+        )
+    })?;
+    if n != len as usize {
+        return Err(format!("decompresses to {n} bytes, manifest says {len}"));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,20 +1,18 @@
-//! Writing and reading back a slot: large aligned direct-I/O writes on a writer thread, fsync,
-//! and a read-back hash that bypasses the page cache.
+//! Writing and reading back a slot: positional writes of verified chunks (aligned ones with
+//! direct I/O), fsync, and a read-back hash that bypasses the page cache.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::bounded;
 
 use crate::error::{Error, IoContext, Result};
 
-/// Size of each write (and read-back) request.
+/// Size of each read-back request.
 pub const IO_BLOCK: usize = 2 << 20;
 /// Alignment O_DIRECT needs (covers 512-byte and 4 KiB logical blocks).
-const ALIGN: usize = 4096;
-/// Write buffers in rotation: one filling, the rest queued for or in the kernel.
-const WRITE_BUFFERS: usize = 4;
+pub const ALIGN: usize = 4096;
 
 /// A heap buffer whose usable part starts on an [`ALIGN`] boundary (no `unsafe` needed:
 /// over-allocate and skip to the boundary).
@@ -80,154 +78,137 @@ fn is_block_device(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
-struct WriteJob {
-    buf: AlignedBuf,
-    len: usize,
-    at: u64,
-}
-
-/// Streams bytes to `size` bytes at `offset` in a device. Bytes are gathered into aligned
-/// [`IO_BLOCK`] buffers and written by a separate thread, so writing overlaps with the
-/// decompression and hashing that produce the next buffer.
-pub struct SlotWriter {
+/// Positional writes into a slot device (or a file), verified chunks in any order: aligned
+/// chunks go through an `O_DIRECT` handle, so slot writes do not churn the page cache of a
+/// small device; anything unaligned (a last, short chunk; version 1 chunks) through a buffered
+/// one. `sync` makes both durable.
+pub struct PosWriter {
     path: PathBuf,
     offset: u64,
     limit: u64,
-    written: u64,
-    cur: AlignedBuf,
-    fill: usize,
-    jobs: Option<Sender<WriteJob>>,
-    free: Receiver<AlignedBuf>,
-    thread: Option<std::thread::JoinHandle<Result<File>>>,
-    direct: bool,
+    direct: Option<File>,
+    /// `None`: discard (verify only checks).
+    buffered: Option<File>,
 }
 
-impl SlotWriter {
-    pub fn open(path: &Path, offset: u64, limit: u64) -> Result<SlotWriter> {
-        let (file, direct) = open_maybe_direct(path, true, offset)?;
-        let (job_tx, job_rx) = bounded::<WriteJob>(WRITE_BUFFERS);
-        let (free_tx, free_rx) = bounded::<AlignedBuf>(WRITE_BUFFERS);
-        for _ in 1..WRITE_BUFFERS {
-            free_tx
-                .send(AlignedBuf::new(IO_BLOCK))
-                .expect("fresh channel");
-        }
-        let p = path.to_path_buf();
-        let thread = std::thread::Builder::new()
-            .name("slot-writer".into())
-            .spawn(move || -> Result<File> {
-                for job in job_rx {
-                    file.write_all_at(&job.buf.as_slice()[..job.len], job.at)
-                        .ctx(|| format!("writing {} at byte {}", p.display(), job.at))?;
-                    // The receiver is gone only if the producer already failed.
-                    let _ = free_tx.send(job.buf);
-                }
-                Ok(file)
-            })
-            .ctx(|| "starting writer thread".into())?;
-        Ok(SlotWriter {
+impl PosWriter {
+    /// Write `limit` bytes from `offset` of `path` (a block device is claimed exclusively).
+    pub fn open(path: &Path, offset: u64, limit: u64) -> Result<PosWriter> {
+        let (first, direct) = open_maybe_direct(path, true, offset)?;
+        // A second, buffered handle for unaligned writes: a non-exclusive open is allowed
+        // while we hold the exclusive claim.
+        let (direct, buffered) = if direct {
+            let b = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .ctx(|| format!("opening for writing {}", path.display()))?;
+            (Some(first), Some(b))
+        } else {
+            (None, Some(first))
+        };
+        Ok(PosWriter {
             path: path.to_path_buf(),
             offset,
             limit,
-            written: 0,
-            cur: AlignedBuf::new(IO_BLOCK),
-            fill: 0,
-            jobs: Some(job_tx),
-            free: free_rx,
-            thread: Some(thread),
             direct,
+            buffered,
         })
     }
 
-    pub fn write(&mut self, mut data: &[u8]) -> Result<()> {
-        if self.written + self.fill as u64 + data.len() as u64 > self.limit {
+    /// An already open file (a staged file payload): buffered writes.
+    pub fn from_file(file: File, name: &Path, limit: u64) -> PosWriter {
+        PosWriter {
+            path: name.to_path_buf(),
+            offset: 0,
+            limit,
+            direct: None,
+            buffered: Some(file),
+        }
+    }
+
+    /// Read-only access to a slot (planning a fetch re-checks chunks already written).
+    pub fn read_only(path: &Path, offset: u64, limit: u64) -> Result<PosWriter> {
+        let f = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        Ok(PosWriter {
+            path: path.to_path_buf(),
+            offset,
+            limit,
+            direct: None,
+            buffered: Some(f),
+        })
+    }
+
+    /// A writer that keeps nothing (the chunks were verified on their way here).
+    pub fn discard(limit: u64) -> PosWriter {
+        PosWriter {
+            path: PathBuf::from("(verify only)"),
+            offset: 0,
+            limit,
+            direct: None,
+            buffered: None,
+        }
+    }
+
+    /// Write `data` at `pos` of the slot. `data` must start on an aligned address for the
+    /// direct path to be used (an [`AlignedBuf`]'s slice does).
+    pub fn write_at(&self, pos: u64, data: &[u8]) -> Result<()> {
+        if pos + data.len() as u64 > self.limit {
             return Err(Error::Format(format!(
                 "payload overruns {} ({} bytes)",
                 self.path.display(),
                 self.limit
             )));
         }
-        while !data.is_empty() {
-            let n = data.len().min(IO_BLOCK - self.fill);
-            self.cur.as_mut_slice()[self.fill..self.fill + n].copy_from_slice(&data[..n]);
-            self.fill += n;
-            data = &data[n..];
-            if self.fill == IO_BLOCK {
-                self.submit(IO_BLOCK)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn submit(&mut self, len: usize) -> Result<()> {
-        let next = match self.free.recv() {
-            Ok(b) => b,
-            Err(_) => return Err(self.writer_failure()),
-        };
-        let buf = std::mem::replace(&mut self.cur, next);
-        let job = WriteJob {
-            buf,
-            len,
-            at: self.offset + self.written,
-        };
-        if self.jobs.as_ref().expect("open writer").send(job).is_err() {
-            return Err(self.writer_failure());
-        }
-        self.written += len as u64;
-        self.fill = 0;
-        Ok(())
-    }
-
-    /// The writer thread stopped early: fetch its error.
-    fn writer_failure(&mut self) -> Error {
-        self.jobs = None;
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(Err(e))) => e,
-            _ => Error::io(
-                format!("writing {}", self.path.display()),
-                std::io::Error::other("writer thread stopped"),
-            ),
-        }
-    }
-
-    /// Write what is left, wait for the writer, fsync. Returns bytes written.
-    pub fn finish(mut self) -> Result<u64> {
-        // Whole aligned blocks go through the direct handle; an unaligned tail through a
-        // buffered one (O_DIRECT cannot write it).
-        let aligned = if self.direct {
-            self.fill / ALIGN * ALIGN
+        let at = self.offset + pos;
+        let aligned_len = if at % ALIGN as u64 == 0 && data.as_ptr().align_offset(ALIGN) == 0 {
+            data.len() / ALIGN * ALIGN
         } else {
-            self.fill
+            0
         };
-        let tail = self.cur.as_slice()[aligned..self.fill].to_vec();
-        if aligned > 0 {
-            self.submit(aligned)?;
-        } else {
-            self.fill = 0;
+        let Some(buffered) = &self.buffered else {
+            return Ok(());
+        };
+        let (head, tail) = data.split_at(aligned_len);
+        if let (Some(d), false) = (&self.direct, head.is_empty()) {
+            d.write_all_at(head, at)
+                .ctx(|| format!("writing {} at byte {at}", self.path.display()))?;
+        } else if !head.is_empty() {
+            buffered
+                .write_all_at(head, at)
+                .ctx(|| format!("writing {} at byte {at}", self.path.display()))?;
         }
-        self.jobs = None;
-        let file = match self.thread.take().expect("writer thread").join() {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(Error::io(
-                    "writing",
-                    std::io::Error::other("writer thread panicked"),
-                ))
-            }
-        };
-        let ctx = || format!("syncing {}", self.path.display());
         if !tail.is_empty() {
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&self.path)
-                .ctx(|| format!("opening for writing {}", self.path.display()))?;
-            f.write_all_at(&tail, self.offset + self.written)
-                .ctx(|| format!("writing {}", self.path.display()))?;
-            self.written += tail.len() as u64;
-            f.sync_all().ctx(ctx)?;
+            let at = at + head.len() as u64;
+            buffered
+                .write_all_at(tail, at)
+                .ctx(|| format!("writing {} at byte {at}", self.path.display()))?;
         }
-        file.sync_all().ctx(ctx)?;
-        Ok(self.written)
+        Ok(())
+    }
+
+    /// Make every write so far durable.
+    pub fn sync(&self) -> Result<()> {
+        let ctx = || format!("syncing {}", self.path.display());
+        if let Some(b) = &self.buffered {
+            b.sync_all().ctx(ctx)?;
+        }
+        if let Some(d) = &self.direct {
+            d.sync_all().ctx(ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Read `len` bytes back from `pos` (for re-checking a resumed chunk).
+    pub fn read_at(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let at = self.offset + pos;
+        let Some(b) = &self.buffered else {
+            return Err(Error::io(
+                "reading back",
+                std::io::Error::other("nothing kept"),
+            ));
+        };
+        b.read_exact_at(buf, at)
+            .ctx(|| format!("reading {} at byte {at}", self.path.display()))
     }
 }
 

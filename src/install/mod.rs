@@ -10,11 +10,11 @@
 //! 4. the bootloader makes the target primary with N tries.
 //!
 //! `verify` runs the same checks and the same plan ([`prepare`]) and decodes every chunk, but
-//! writes nothing.
+//! writes nothing. The chunk-by-chunk work is the [`engine`]'s.
 
 pub mod blockdev;
+pub mod engine;
 pub mod files;
-pub mod pipeline;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,11 +25,132 @@ use crate::bundle::{Manifest, Payload, PayloadKind};
 use crate::config::{Config, SlotConfig};
 use crate::control::{self, Floor};
 use crate::error::{Error, IoContext, Result};
-use crate::progress::Progress;
+use crate::progress::{Event, Progress};
 use crate::slot::{self, SlotDevice};
-use crate::source::Source;
-use crate::state::{ImageRecord, SlotStatus, State, StateStore};
+use crate::source::{RangeSource, Source};
+use crate::state::{ChunkTable, ImageRecord, InstallProgress, SlotStatus, State, StateStore};
 use crate::verify::{unix_now, Policy, TrustedTime};
+
+/// Where an apply reads the bundle from.
+pub enum BundleSource {
+    /// A pipe: read once, in order.
+    Stream(Source),
+    /// A file or an HTTP(S) URL: read by ranges.
+    Ranges(Box<dyn RangeSource>),
+    /// Only what `fetch` staged (`--offline`): the head and the staged frames.
+    Staged(Arc<crate::stage::StagedBundle>, String),
+}
+
+impl BundleSource {
+    /// `-` is standard input, `http://` and `https://` URLs go over the network, anything else
+    /// is a path.
+    pub fn open(spec: &str, net: &crate::source::http::HttpOptions) -> Result<BundleSource> {
+        if spec == "-" {
+            return Ok(BundleSource::Stream(Source::open(spec)?));
+        }
+        if spec.starts_with("http://") || spec.starts_with("https://") {
+            return Ok(BundleSource::Ranges(Box::new(
+                crate::source::http::HttpSource::open(spec, net)?,
+            )));
+        }
+        let path = std::path::Path::new(spec);
+        let meta = std::fs::metadata(path).ctx(|| format!("opening bundle {spec}"))?;
+        if meta.is_file() {
+            Ok(BundleSource::Ranges(Box::new(
+                crate::source::FileSource::open(path)?,
+            )))
+        } else {
+            // A FIFO or a character device: a stream.
+            Ok(BundleSource::Stream(Source::open(spec)?))
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            BundleSource::Stream(s) => s.name.clone(),
+            BundleSource::Ranges(r) => r.name().to_string(),
+            BundleSource::Staged(_, source) => format!("the staged copy of {source}"),
+        }
+    }
+
+    /// Read the head (header, manifest, signatures) and check the length the source reports
+    /// against the header's.
+    pub fn read_head(&mut self) -> Result<BundleHead> {
+        let (head, len) = match self {
+            BundleSource::Stream(s) => (BundleHead::read(&mut s.reader)?, s.len),
+            BundleSource::Staged(st, _) => (BundleHead::read(&mut &st.head()?[..])?, None),
+            BundleSource::Ranges(r) => {
+                let len = r.len();
+                let mut first = Vec::new();
+                let n = len.min(crate::bundle::HEADER_LEN as u64);
+                fetch_into(r.as_mut(), 0..n, &mut first)?;
+                let header = {
+                    let mut b = [0u8; crate::bundle::HEADER_LEN];
+                    if first.len() < b.len() {
+                        return Err(Error::Truncated("ends inside the header".into()));
+                    }
+                    b.copy_from_slice(&first);
+                    crate::bundle::Header::decode(&b)?
+                };
+                let end = header.payload_offset().min(len);
+                fetch_into(r.as_mut(), n..end, &mut first)?;
+                (BundleHead::read(&mut &first[..])?, Some(len))
+            }
+        };
+        if let Some(len) = len {
+            let want = head.header.total_len();
+            if len < want {
+                return Err(Error::Truncated(format!(
+                    "{} is {len} bytes, the header says {want}",
+                    self.name()
+                )));
+            }
+            if len > want {
+                return Err(Error::Format(format!(
+                    "trailing data: {} is {len} bytes, the bundle ends at {want}",
+                    self.name()
+                )));
+            }
+        }
+        Ok(head)
+    }
+
+    fn into_fetcher(self) -> engine::Fetcher {
+        match self {
+            BundleSource::Stream(s) => engine::Fetcher::Stream(s.reader),
+            BundleSource::Ranges(r) => engine::Fetcher::Ranges(r),
+            BundleSource::Staged(..) => engine::Fetcher::Offline,
+        }
+    }
+
+    /// `--offline`: the bundle `fetch` staged from `spec` (a URL or path), without touching it.
+    pub fn staged(cfg: &Config, spec: &str) -> Result<BundleSource> {
+        let cache = cfg.cache_dir();
+        let idx = crate::stage::find_by_source(&cache, spec).ok_or_else(|| {
+            Error::Offline(format!(
+                "nothing staged from {spec} in {}: run `edge-ota fetch {spec}` while the link is up",
+                cache.display()
+            ))
+        })?;
+        let st = crate::stage::StagedBundle::open(&cache, &idx.bundle_id)?.ok_or_else(|| {
+            Error::Offline(format!(
+                "the staging of {spec} in {} is incomplete",
+                cache.display()
+            ))
+        })?;
+        Ok(BundleSource::Staged(Arc::new(st), spec.to_string()))
+    }
+}
+
+fn fetch_into(src: &mut dyn RangeSource, r: std::ops::Range<u64>, out: &mut Vec<u8>) -> Result<()> {
+    if r.is_empty() {
+        return Ok(());
+    }
+    src.fetch(&[r], &mut |_, b| {
+        out.extend_from_slice(b);
+        Ok(())
+    })
+}
 
 /// Options of one apply.
 #[derive(Debug, Clone, Default)]
@@ -48,17 +169,23 @@ pub struct ApplyReport {
     pub security_version: u64,
     pub bundle_id: String,
     pub bytes_written: u64,
+    /// Compressed bytes read from the source.
+    pub bytes_fetched: u64,
+    /// Uncompressed bytes that did not have to come from the source.
+    pub bytes_reused: u64,
+    /// The release a delta rebuilt the image from.
+    pub delta_from: Option<String>,
     pub tries: u32,
 }
 
 /// Verify the head of a bundle and the device policy; nothing is written.
 pub fn verify_head(
     cfg: &Config,
-    src: &mut Source,
+    src: &mut BundleSource,
     state: &State,
     floor: u64,
 ) -> Result<(BundleHead, Verified)> {
-    let head = BundleHead::read(&mut src.reader)?;
+    let head = src.read_head()?;
     let verified = head.verify(&cfg.trusted_keys()?)?;
     Policy {
         compatible: cfg.compatible.clone(),
@@ -66,21 +193,6 @@ pub fn verify_head(
         min_security_version: floor,
     }
     .check(&verified.manifest)?;
-    if let Some(len) = src.len {
-        let want = head.header.total_len();
-        if len < want {
-            return Err(Error::Truncated(format!(
-                "{} is {len} bytes, the header says {want}",
-                src.name
-            )));
-        }
-        if len > want {
-            return Err(Error::Format(format!(
-                "trailing data: {} is {len} bytes, the bundle ends at {want}",
-                src.name
-            )));
-        }
-    }
     Ok((head, verified))
 }
 
@@ -247,23 +359,97 @@ pub fn prepare(
     })
 }
 
+/// Extra knobs of an apply that the CLI and the agent set.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Refuse an update that would fetch more than this many bytes from the source.
+    pub max_download: Option<u64>,
+    /// Nothing may come from the source: every chunk is local or staged.
+    pub offline: bool,
+}
+
 /// Install a bundle into the inactive slot. On any error nothing the bootloader would boot
 /// has changed: the target stays marked bad until a complete, verified write. The caller
 /// holds the operation lock.
 pub fn apply(
     cfg: &Config,
     bl: &mut dyn Bootloader,
-    src: &mut Source,
+    mut src: BundleSource,
     opts: &ApplyOptions,
+    limits: &Limits,
     progress: &Progress,
 ) -> Result<ApplyReport> {
     let store = StateStore::new(&cfg.state_dir);
     let mut state = store.load()?;
     let floor = Floor::read(&state, bl).effective;
-    let (_head, verified) = verify_head(cfg, src, &state, floor)?;
+    progress.phase("verifying", src.name());
+    let (head, verified) = verify_head(cfg, &mut src, &state, floor)?;
     let m = Arc::new(verified.manifest.clone());
     let plan = prepare(cfg, bl, &state, &m, opts)?;
-    let dev = &plan.device;
+    let dev = plan.device.clone();
+    let bundle_id = verified.id.to_hex();
+
+    // Where each payload goes: the slot device, or a file in a fresh staging directory.
+    let mut staging = match plan.files_dir() {
+        Some(d)
+            if plan
+                .destinations
+                .iter()
+                .any(|d| matches!(d, Destination::File(_))) =>
+        {
+            Some(files::Staging::begin(d)?)
+        }
+        _ => None,
+    };
+    let mut outs = Vec::with_capacity(m.payloads.len());
+    for (p, d) in m.payloads.iter().zip(&plan.destinations) {
+        outs.push(Arc::new(match d {
+            Destination::Device(dev) => blockdev::PosWriter::open(&dev.path, dev.offset, dev.size)?,
+            Destination::File(rel) => blockdev::PosWriter::from_file(
+                staging
+                    .as_mut()
+                    .expect("a staging directory for file payloads")
+                    .create(rel)?,
+                rel,
+                p.size,
+            ),
+        }));
+    }
+    let rec = state.slot(&dev.name);
+    let resume = rec
+        .progress
+        .filter(|pr| rec.status == SlotStatus::Installing && pr.bundle_id == bundle_id);
+    let staged: Option<Arc<dyn engine::Staged>> = match &src {
+        BundleSource::Staged(st, _) => Some(st.clone()),
+        _ => crate::stage::StagedBundle::open(&cfg.cache_dir(), &bundle_id)?
+            .map(|st| Arc::new(st) as Arc<dyn engine::Staged>),
+    };
+    let inputs = engine::Inputs {
+        manifest: m.clone(),
+        payload_offset: head.header.payload_offset(),
+        outs,
+        base: running_slot(cfg, &state)?,
+        resume: resume.as_ref(),
+        staged,
+        source_name: src.name(),
+    };
+    progress.phase("planning", "");
+    let eplan = engine::plan(&inputs, limits.offline, progress)?;
+    progress.event(Event::Plan(eplan.summary.clone()));
+    if eplan.resumed > 0 {
+        progress.note(format!(
+            "continuing an interrupted install: {} chunks already written and verified",
+            eplan.resumed
+        ));
+    }
+    if let Some(budget) = limits.max_download {
+        if eplan.summary.fetch > budget {
+            return Err(Error::DataBudget {
+                need: eplan.summary.fetch,
+                budget,
+            });
+        }
+    }
     // The bundle passed every check: now repair a missing or stale floor copy, if any.
     Floor::restore(&mut state, bl)?;
 
@@ -272,10 +458,12 @@ pub fn apply(
     {
         let rec = state.slot_mut(&dev.name);
         let image = rec.image.take();
+        let progress = rec.progress.take().filter(|_| resume.is_some());
         *rec = Default::default();
         rec.status = SlotStatus::Installing;
         rec.version = Some(m.version.to_string());
-        rec.bundle_id = Some(verified.id.to_hex());
+        rec.bundle_id = Some(bundle_id.clone());
+        rec.progress = progress;
         // Kept only while the bundle does not rewrite the image (proven in prepare()).
         if !plan
             .destinations
@@ -288,79 +476,45 @@ pub fn apply(
     store.save(&state)?;
     crate::failpoint::hit("after-mark-bad");
 
-    // 2. Stream, verify each chunk, write; then read back.
-    let total: u64 = m.payloads.iter().map(|p| p.size).sum();
-    progress.start(
-        total,
-        &format!("installing {} into slot {}", m.version, dev.name),
-    );
+    // 2. Produce every chunk, verify it, write it; checkpoint as it goes; then read back.
+    progress.phase("writing", format!("{} into slot {}", m.version, dev.name));
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut staging = match plan.files_dir() {
-        Some(d)
-            if plan
-                .destinations
-                .iter()
-                .any(|d| matches!(d, Destination::File(_))) =>
-        {
-            Some(files::Staging::begin(d)?)
-        }
-        _ => None,
-    };
-    let mut writers: Vec<Option<Sink>> = Vec::new();
-    for d in &plan.destinations {
-        writers.push(Some(match d {
-            Destination::Device(dev) => {
-                Sink::Image(blockdev::SlotWriter::open(&dev.path, dev.offset, dev.size)?)
-            }
-            Destination::File(rel) => Sink::File(
-                staging
-                    .as_mut()
-                    .expect("a staging directory for file payloads")
-                    .create(rel)?,
-                Box::new(blake3::Hasher::new()),
-            ),
-        }));
-    }
     let mut fail_after = crate::failpoint::chunk_countdown();
-    let reader = std::mem::replace(&mut src.reader, Box::new(std::io::empty()));
-    pipeline::stream_bundle(
-        reader,
-        m.clone(),
+    let device_payloads: Vec<bool> = plan
+        .destinations
+        .iter()
+        .map(|d| matches!(d, Destination::Device(_)))
+        .collect();
+    let report = engine::run(
+        &inputs,
+        &eplan,
+        src.into_fetcher(),
         workers,
-        |p, data| {
+        progress,
+        &mut |done| {
             fail_after();
-            match writers[p].as_mut().expect("open writer") {
-                Sink::Image(w) => w.write(data),
-                Sink::File(f, h) => {
-                    use std::io::Write;
-                    h.update(data);
-                    f.write_all(data)
-                        .ctx(|| format!("writing payload {:?}", m.payloads[p].name))
-                }
-            }
+            // Only chunks in the slot itself survive a restart (file payloads are staged
+            // afresh by every apply).
+            let done = done
+                .iter()
+                .zip(&device_payloads)
+                .map(|(d, dev)| {
+                    if *dev {
+                        InstallProgress::ranges(d)
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect();
+            state.slot_mut(&dev.name).progress = Some(InstallProgress {
+                bundle_id: bundle_id.clone(),
+                done,
+            });
+            store.save(&state)
         },
-        |n| progress.set(n),
     )?;
-    let mut written = 0u64;
-    for (i, w) in writers.iter_mut().enumerate() {
-        let p = &m.payloads[i];
-        written += match w.take().expect("open writer") {
-            Sink::Image(w) => w.finish()?,
-            Sink::File(f, h) => {
-                f.sync_all()
-                    .ctx(|| format!("syncing payload {:?}", p.name))?;
-                if h.finalize().as_bytes() != &p.blake3.0 {
-                    return Err(Error::Tampered {
-                        payload: p.name.clone(),
-                        what: "whole-payload hash mismatch".into(),
-                    });
-                }
-                p.size
-            }
-        };
-    }
     crate::failpoint::hit("after-write");
-    progress.message("reading back");
+    progress.phase("reading-back", "");
     let mut image = None;
     for (p, d) in m.payloads.iter().zip(&plan.destinations) {
         match d {
@@ -375,10 +529,16 @@ pub fn apply(
                         ),
                     });
                 }
-                image = Some(ImageRecord {
-                    size: p.size,
-                    blake3: p.blake3,
-                });
+                image = Some((
+                    ImageRecord {
+                        size: p.size,
+                        blake3: p.blake3,
+                    },
+                    p.chunk_size.map(|cs| ChunkTable {
+                        chunk_size: cs,
+                        hashes: p.chunks.iter().map(|c| c.hash).collect(),
+                    }),
+                ));
             }
             Destination::File(rel) => staging
                 .as_ref()
@@ -399,8 +559,10 @@ pub fn apply(
         rec.security_version = Some(m.security_version);
         rec.installed_at = Some(now);
         rec.activated_tries = Some(plan.tries);
-        if image.is_some() {
-            rec.image = image;
+        rec.progress = None;
+        if let Some((img, chunks)) = image {
+            rec.image = Some(img);
+            rec.chunks = chunks;
         }
         state.newest_seen = state.newest_seen.max(m.created);
     }
@@ -410,19 +572,47 @@ pub fn apply(
     // 4. Boot it next, with a limited number of tries.
     bl.set_primary(&dev.name, plan.tries)?;
     crate::failpoint::hit("after-flip");
+    // Installed: its staged copy, if any, has served.
+    if let Err(e) = crate::stage::remove(&cfg.cache_dir(), &bundle_id) {
+        progress.note(format!("could not remove the staged copy: {e}"));
+    }
     Ok(ApplyReport {
         slot: dev.name.clone(),
         bundle_version: m.version.to_string(),
         security_version: m.security_version,
-        bundle_id: verified.id.to_hex(),
-        bytes_written: written,
+        bundle_id,
+        bytes_written: report.written,
+        bytes_fetched: report.fetched,
+        bytes_reused: eplan.summary.reused,
+        delta_from: eplan.summary.delta_from.clone(),
         tries: plan.tries,
     })
 }
 
-enum Sink {
-    Image(blockdev::SlotWriter),
-    File(std::fs::File, Box<blake3::Hasher>),
+/// The running slot, as a source of local copies and delta bases: its device (read-only) and
+/// what state recorded about its image.
+fn running_slot(cfg: &Config, state: &State) -> Result<Option<Arc<engine::Base>>> {
+    let Some(booted) = slot::booted_slot(&cfg.cmdline)? else {
+        return Ok(None);
+    };
+    let Ok(slot_cfg) = cfg.slot(&booted) else {
+        return Ok(None);
+    };
+    let dev = slot::resolve(cfg, slot_cfg)?;
+    let rec = state.slot(&booted);
+    let file = std::fs::File::open(&dev.path).ctx(|| format!("opening {}", dev.path.display()))?;
+    // A slot device inside a disk image file starts at an offset: copies read relative to it.
+    let file = if dev.offset == 0 {
+        file
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(Arc::new(engine::Base {
+        file,
+        image: rec.image,
+        chunks: rec.chunks,
+        version: rec.version,
+    })))
 }
 
 /// What `verify` checked.
@@ -440,40 +630,43 @@ pub struct VerifyReport {
 }
 
 /// Check everything `apply` would check, including the plan for this device's target slot,
-/// chunk by chunk and whole payload by whole payload, without writing anything.
+/// and decode and hash every chunk, without writing anything.
 pub fn verify_all(
     cfg: &Config,
     bl: &dyn Bootloader,
-    src: &mut Source,
+    mut src: BundleSource,
     opts: &ApplyOptions,
 ) -> Result<VerifyReport> {
     let state = StateStore::new(&cfg.state_dir).load()?;
     let floor = Floor::read(&state, bl).effective;
-    let (_head, verified) = verify_head(cfg, src, &state, floor)?;
+    let (head, verified) = verify_head(cfg, &mut src, &state, floor)?;
     let m = Arc::new(verified.manifest.clone());
     let plan = prepare(cfg, bl, &state, &m, opts)?;
+    let hashers: Vec<Arc<blockdev::PosWriter>> = m
+        .payloads
+        .iter()
+        .map(|p| Arc::new(blockdev::PosWriter::discard(p.size)))
+        .collect();
+    let inputs = engine::Inputs {
+        manifest: m.clone(),
+        payload_offset: head.header.payload_offset(),
+        outs: hashers,
+        base: None,
+        resume: None,
+        staged: None,
+        source_name: src.name(),
+    };
+    let progress = Progress::hidden();
+    let eplan = engine::plan(&inputs, false, &progress)?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut hashers: Vec<blake3::Hasher> =
-        m.payloads.iter().map(|_| blake3::Hasher::new()).collect();
-    let reader = std::mem::replace(&mut src.reader, Box::new(std::io::empty()));
-    pipeline::stream_bundle(
-        reader,
-        m.clone(),
+    engine::run(
+        &inputs,
+        &eplan,
+        src.into_fetcher(),
         workers,
-        |p, data| {
-            hashers[p].update(data);
-            Ok(())
-        },
-        |_| {},
+        &progress,
+        &mut |_| Ok(()),
     )?;
-    for (p, h) in m.payloads.iter().zip(&hashers) {
-        if h.finalize().as_bytes() != &p.blake3.0 {
-            return Err(Error::Tampered {
-                payload: p.name.clone(),
-                what: "whole-payload hash mismatch".into(),
-            });
-        }
-    }
     Ok(VerifyReport {
         bundle_id: verified.id.to_hex(),
         compatible: m.compatible.clone(),
@@ -483,5 +676,171 @@ pub fn verify_all(
         bytes: m.payloads.iter().map(|p| p.size).sum(),
         signers: verified.signers.clone(),
         target: plan.device.name,
+    })
+}
+
+/// What `fetch` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FetchReport {
+    pub bundle_id: String,
+    pub bundle_version: String,
+    /// Compressed bytes an apply would need from the source.
+    pub needed: u64,
+    /// Fetched by this run.
+    pub fetched: u64,
+    /// Now staged (all runs).
+    pub staged: u64,
+    pub complete: bool,
+    pub cache: String,
+}
+
+/// `fetch`: stage, in the cache, exactly what an apply of this bundle would fetch (the same
+/// plan: chunks already in the slots or rebuildable from the running slot are not fetched),
+/// continuing an earlier fetch from the exact byte; then check every staged frame. Nothing
+/// outside the cache is written. The caller holds the operation lock.
+pub fn fetch(
+    cfg: &Config,
+    bl: &dyn Bootloader,
+    mut src: BundleSource,
+    limits: &Limits,
+    progress: &Progress,
+) -> Result<FetchReport> {
+    let store = StateStore::new(&cfg.state_dir);
+    let state = store.load()?;
+    let floor = Floor::read(&state, bl).effective;
+    progress.phase("verifying", src.name());
+    let (head, verified) = verify_head(cfg, &mut src, &state, floor)?;
+    let m = Arc::new(verified.manifest.clone());
+    let plan = prepare(cfg, bl, &state, &m, &ApplyOptions::default())?;
+    let bundle_id = verified.id.to_hex();
+    let cache = cfg.cache_dir();
+    let source_name = src.name();
+    let BundleSource::Ranges(mut remote) = src else {
+        return Err(Error::Usage(
+            "fetch stages from a file or an http(s) URL, not from a pipe or the cache".into(),
+        ));
+    };
+    // Planned as the apply will plan it, reading what is already in the target slot.
+    let outs = m
+        .payloads
+        .iter()
+        .zip(&plan.destinations)
+        .map(|(p, d)| {
+            Ok(Arc::new(match d {
+                Destination::Device(dev) => {
+                    blockdev::PosWriter::read_only(&dev.path, dev.offset, dev.size)?
+                }
+                Destination::File(_) => blockdev::PosWriter::discard(p.size),
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rec = state.slot(&plan.device.name);
+    let resume = rec
+        .progress
+        .filter(|pr| rec.status == SlotStatus::Installing && pr.bundle_id == bundle_id);
+    crate::stage::remove_others(&cache, Some(&bundle_id))?;
+    let staging = Arc::new(crate::stage::StagedBundle::open_or_create(
+        &cache,
+        &bundle_id,
+        &m.version.to_string(),
+        &source_name,
+        &head.to_bytes(),
+    )?);
+    let inputs = engine::Inputs {
+        manifest: m.clone(),
+        payload_offset: head.header.payload_offset(),
+        outs,
+        base: running_slot(cfg, &state)?,
+        resume: resume.as_ref(),
+        staged: Some(staging.clone()),
+        source_name: source_name.clone(),
+    };
+    let eplan = engine::plan(&inputs, false, progress)?;
+    let needed_frames = eplan.frame_ranges(&inputs);
+    let needed: u64 = needed_frames.iter().map(|r| r.end - r.start).sum();
+    let missing = staging.index().missing(&needed_frames);
+    let missing_bytes: u64 = missing.iter().map(|r| r.end - r.start).sum();
+    let mut summary = eplan.summary.clone();
+    summary.fetch = missing_bytes;
+    progress.event(Event::Plan(summary));
+    if let Some(budget) = limits.max_download {
+        if missing_bytes > budget {
+            return Err(Error::DataBudget {
+                need: missing_bytes,
+                budget,
+            });
+        }
+    }
+    if limits.offline && missing_bytes > 0 {
+        return Err(Error::Offline(format!(
+            "{missing_bytes} bytes are not staged yet"
+        )));
+    }
+    let free = crate::stage::free_space(&cache)?;
+    if missing_bytes > free {
+        return Err(Error::TooLarge {
+            payload: "staged bundle".into(),
+            size: missing_bytes,
+            target: format!("the free space in {}", cache.display()),
+            capacity: free,
+        });
+    }
+    progress.phase("staging", format!("{} into {}", m.version, cache.display()));
+    let fetched = std::cell::Cell::new(0u64);
+    {
+        let mut committer = crate::stage::Committer::new(&staging);
+        let r = remote.fetch(&missing, &mut |off, bytes| {
+            committer.write(off, bytes)?;
+            fetched.set(fetched.get() + bytes.len() as u64);
+            progress.bytes(crate::progress::Bytes {
+                needed: missing_bytes,
+                fetched: fetched.get(),
+                ..Default::default()
+            });
+            Ok(())
+        });
+        // Whatever arrived is kept for the next try, even when the fetch failed.
+        committer.flush()?;
+        r?;
+    }
+    // Check every staged frame: decode it (or rebuild its chunks) and compare with the
+    // signed hashes, writing nothing.
+    progress.phase("checking", "");
+    let check = engine::Inputs {
+        outs: m
+            .payloads
+            .iter()
+            .map(|p| Arc::new(blockdev::PosWriter::discard(p.size)))
+            .collect(),
+        ..inputs
+    };
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    if let Err(e) = engine::run(
+        &check,
+        &eplan,
+        engine::Fetcher::Offline,
+        workers,
+        progress,
+        &mut |_| Ok(()),
+    ) {
+        if let Error::Tampered { .. } = e {
+            // Bytes that do not check out are not kept: the next fetch starts this one over.
+            crate::stage::remove(&cache, &bundle_id)?;
+        }
+        return Err(e);
+    }
+    staging.commit(&[], |i| {
+        i.complete = true;
+        i.needed = needed;
+    })?;
+    progress.finish();
+    Ok(FetchReport {
+        bundle_id,
+        bundle_version: m.version.to_string(),
+        needed,
+        fetched: fetched.get(),
+        staged: staging.index().present_bytes(),
+        complete: true,
+        cache: staging.dir().display().to_string(),
     })
 }

@@ -50,6 +50,10 @@ impl Source {
 pub trait RangeSource: Send {
     /// Total length of the bundle.
     fn len(&self) -> u64;
+    /// A bundle is never empty; for completeness.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// For messages: a path or a URL.
     fn name(&self) -> &str;
     /// Deliver exactly the bytes of `ranges` (sorted, not overlapping) to `sink`, in ascending

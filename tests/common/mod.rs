@@ -11,7 +11,7 @@ use edge_ota::bootloader::env::EnvBootloader;
 use edge_ota::bootloader::file::FileEnv;
 use edge_ota::bootloader::{Bootloader, EnvStore, SlotBootState};
 use edge_ota::bundle::PayloadKind;
-use edge_ota_format::build::writer::{self, BundleSpec, Chunking, PayloadInput};
+use edge_ota_format::build::writer::{self, BundleSpec, Chunking, DeltaInput, PayloadInput};
 
 pub fn demo_key(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -57,6 +57,12 @@ pub struct BundleOpts {
     pub expires: Option<u64>,
     pub keys: Vec<&'static str>,
     pub payloads: Vec<(PayloadKind, &'static str, Vec<u8>)>,
+    /// Format version: 2 (chunk grid, deltas) or 1 (content-defined chunks).
+    pub format: u32,
+    /// Version 2 chunk size: small, so small test images have many chunks.
+    pub chunk_size: u32,
+    /// Base images to build deltas of the "rootfs" payload against: (bytes, version).
+    pub deltas: Vec<(Vec<u8>, &'static str)>,
 }
 
 impl Default for BundleOpts {
@@ -69,6 +75,9 @@ impl Default for BundleOpts {
             expires: None,
             keys: vec!["INSECURE-demo.key.pem"],
             payloads: vec![(PayloadKind::Image, "rootfs", image_bytes(300_000, 1))],
+            format: 2,
+            chunk_size: 16 << 10,
+            deltas: Vec::new(),
         }
     }
 }
@@ -202,22 +211,39 @@ path = "{d}/healthy"
             });
         }
         let out = self.path(name);
-        let spec = BundleSpec {
-            compatible: o.compatible.clone(),
-            version: o.version.parse().unwrap(),
-            security_version: o.security_version,
-            created: o.created,
-            expires: o.expires,
-            payloads: inputs,
-            // Small chunks so even small test images have many.
-            chunking: Chunking {
-                min: 4 << 10,
-                avg: 16 << 10,
-                max: 64 << 10,
-            },
-            zstd_level: 3,
-            threads: 2,
+        let deltas = o
+            .deltas
+            .iter()
+            .enumerate()
+            .map(|(i, (base, version))| {
+                let path = self.path(&format!("{name}.base{i}"));
+                std::fs::write(&path, base).unwrap();
+                DeltaInput {
+                    payload: "rootfs".into(),
+                    base: path,
+                    base_version: Some(version.to_string()),
+                }
+            })
+            .collect();
+        let mut spec = BundleSpec::new(
+            &o.compatible,
+            o.version.parse().unwrap(),
+            o.security_version,
+            o.created,
+            inputs,
+        );
+        spec.expires = o.expires;
+        spec.format = o.format;
+        spec.chunk_size = o.chunk_size;
+        // Small chunks so even small test images have many.
+        spec.chunking = Chunking {
+            min: 4 << 10,
+            avg: 16 << 10,
+            max: 64 << 10,
         };
+        spec.zstd_level = 3;
+        spec.threads = 2;
+        spec.deltas = deltas;
         let keys: Vec<_> = o.keys.iter().map(|k| signing_key(k)).collect();
         writer::create_file(&spec, &keys, &out).unwrap();
         out

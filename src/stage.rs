@@ -1,0 +1,367 @@
+//! Pre-staging (`edge-ota fetch`): download now, apply later. A ship stages in harbour and
+//! applies at sea; a shop stages at night and applies in its maintenance window.
+//!
+//! The cache lives on the data partition, one directory per bundle (named by its id): the
+//! head as fetched (`head`), a sparse file holding the fetched bytes at their bundle offsets
+//! (`data`), and an index of the byte ranges present (`index.json`, replaced atomically after
+//! the data it lists was fsynced). Only what the device lacks is fetched (the same plan an
+//! apply makes: chunks in the slots, deltas from the running slot), and an interrupted fetch
+//! continues from the exact byte. A range is listed only once its bytes are on disk; a fetch
+//! is `complete` only once every frame it fetched was decoded and checked against the signed
+//! manifest. `apply` reads staged frames instead of fetching them (`--offline`: only them).
+
+use std::fs::{File, OpenOptions};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::install::engine::Staged;
+
+const HEAD: &str = "head";
+const DATA: &str = "data";
+const INDEX: &str = "index.json";
+
+/// What a staged bundle holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    pub bundle_id: String,
+    pub version: String,
+    /// Where it was fetched from (an `--offline` apply of that source finds it here).
+    pub source: String,
+    /// Byte ranges `[a, b)` of the bundle present in `data`, sorted, disjoint.
+    pub present: Vec<[u64; 2]>,
+    /// Compressed bytes the device still needs from the source, as planned.
+    pub needed: u64,
+    /// Every needed frame is present and was checked.
+    pub complete: bool,
+}
+
+impl Index {
+    /// Add `[a, b)`, merging neighbours.
+    pub fn add(&mut self, a: u64, b: u64) {
+        if a >= b {
+            return;
+        }
+        let mut out: Vec<[u64; 2]> = Vec::with_capacity(self.present.len() + 1);
+        let mut cur = [a, b];
+        for r in self.present.drain(..) {
+            if r[1] < cur[0] || r[0] > cur[1] {
+                out.push(r);
+            } else {
+                cur = [cur[0].min(r[0]), cur[1].max(r[1])];
+            }
+        }
+        out.push(cur);
+        out.sort_unstable();
+        self.present = out;
+    }
+
+    /// Remove `[a, b)` (a frame that failed its check).
+    pub fn remove(&mut self, a: u64, b: u64) {
+        let mut out = Vec::new();
+        for r in self.present.drain(..) {
+            if r[1] <= a || r[0] >= b {
+                out.push(r);
+                continue;
+            }
+            if r[0] < a {
+                out.push([r[0], a]);
+            }
+            if r[1] > b {
+                out.push([b, r[1]]);
+            }
+        }
+        self.present = out;
+    }
+
+    pub fn contains(&self, r: &Range<u64>) -> bool {
+        r.is_empty()
+            || self
+                .present
+                .iter()
+                .any(|p| p[0] <= r.start && r.end <= p[1])
+    }
+
+    /// The parts of `wanted` not present.
+    pub fn missing(&self, wanted: &[Range<u64>]) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        for w in wanted {
+            let mut at = w.start;
+            for p in &self.present {
+                if p[1] <= at || p[0] >= w.end {
+                    continue;
+                }
+                if p[0] > at {
+                    out.push(at..p[0]);
+                }
+                at = at.max(p[1]);
+            }
+            if at < w.end {
+                out.push(at..w.end);
+            }
+        }
+        out
+    }
+
+    pub fn present_bytes(&self) -> u64 {
+        self.present.iter().map(|r| r[1] - r[0]).sum()
+    }
+}
+
+/// One staged bundle in the cache directory.
+pub struct StagedBundle {
+    dir: PathBuf,
+    data: File,
+    index: Mutex<Index>,
+}
+
+impl StagedBundle {
+    fn paths(cache_dir: &Path, bundle_id: &str) -> PathBuf {
+        cache_dir.join(bundle_id)
+    }
+
+    /// Open (or start) the staging of a bundle whose head is `head` (its bytes as stored).
+    pub fn open_or_create(
+        cache_dir: &Path,
+        bundle_id: &str,
+        version: &str,
+        source: &str,
+        head: &[u8],
+    ) -> Result<StagedBundle> {
+        let dir = Self::paths(cache_dir, bundle_id);
+        std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let head_path = dir.join(HEAD);
+        if std::fs::read(&head_path).ok().as_deref() != Some(head) {
+            crate::fsutil::write_atomic(&head_path, head, 0o644)?;
+        }
+        let index = match Self::read_index(&dir)? {
+            Some(i) if i.bundle_id == bundle_id => i,
+            _ => Index {
+                bundle_id: bundle_id.into(),
+                version: version.into(),
+                source: source.into(),
+                ..Default::default()
+            },
+        };
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(DATA))
+            .ctx(|| format!("opening {}", dir.join(DATA).display()))?;
+        Ok(StagedBundle {
+            dir,
+            data,
+            index: Mutex::new(index),
+        })
+    }
+
+    /// An existing staging, if any.
+    pub fn open(cache_dir: &Path, bundle_id: &str) -> Result<Option<StagedBundle>> {
+        let dir = Self::paths(cache_dir, bundle_id);
+        let Some(index) = Self::read_index(&dir)? else {
+            return Ok(None);
+        };
+        let data = match File::open(dir.join(DATA)) {
+            Ok(f) => f,
+            Err(_) => return Ok(None),
+        };
+        Ok(Some(StagedBundle {
+            dir,
+            data,
+            index: Mutex::new(index),
+        }))
+    }
+
+    fn read_index(dir: &Path) -> Result<Option<Index>> {
+        let p = dir.join(INDEX);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(serde_json::from_slice(&b).ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", p.display()), e)),
+        }
+    }
+
+    pub fn index(&self) -> Index {
+        self.index.lock().expect("index lock").clone()
+    }
+
+    /// The staged head bytes (header, manifest, signatures).
+    pub fn head(&self) -> Result<Vec<u8>> {
+        let p = self.dir.join(HEAD);
+        std::fs::read(&p).ctx(|| format!("reading {}", p.display()))
+    }
+
+    /// Write fetched bytes at their bundle offset (not yet listed as present).
+    pub fn write(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.data.write_all_at(bytes, offset).map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+                Error::TooLarge {
+                    payload: "staged bundle".into(),
+                    size: bytes.len() as u64,
+                    target: format!("the free space in {}", self.dir.display()),
+                    capacity: 0,
+                }
+            } else {
+                Error::io(format!("writing {}", self.dir.join(DATA).display()), e)
+            }
+        })
+    }
+
+    /// Make the data durable, then list `ranges` as present (atomically replaced index).
+    pub fn commit(&self, ranges: &[Range<u64>], update: impl FnOnce(&mut Index)) -> Result<()> {
+        self.data
+            .sync_data()
+            .ctx(|| format!("syncing {}", self.dir.join(DATA).display()))?;
+        let mut idx = self.index.lock().expect("index lock");
+        for r in ranges {
+            idx.add(r.start, r.end);
+        }
+        update(&mut idx);
+        let bytes = serde_json::to_vec_pretty(&*idx).expect("index serializes");
+        crate::fsutil::write_atomic(&self.dir.join(INDEX), &bytes, 0o644)?;
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Staged for StagedBundle {
+    fn has(&self, r: &Range<u64>) -> bool {
+        self.index.lock().expect("index lock").contains(r)
+    }
+
+    fn read(&self, r: &Range<u64>, buf: &mut [u8]) -> Result<()> {
+        self.data.read_exact_at(buf, r.start).ctx(|| {
+            format!(
+                "reading {} at byte {}",
+                self.dir.join(DATA).display(),
+                r.start
+            )
+        })
+    }
+}
+
+/// Every staged bundle in `cache_dir`.
+pub fn list(cache_dir: &Path) -> Vec<Index> {
+    let Ok(rd) = std::fs::read_dir(cache_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Index> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| StagedBundle::read_index(&e.path()).ok().flatten())
+        .collect();
+    out.sort_by(|a, b| a.version.cmp(&b.version));
+    out
+}
+
+/// The staged bundle fetched from `source`, if any (for `apply --offline SOURCE`).
+pub fn find_by_source(cache_dir: &Path, source: &str) -> Option<Index> {
+    list(cache_dir).into_iter().find(|i| i.source == source)
+}
+
+/// Remove staged bundles other than `keep` (superseded), or all.
+pub fn remove_others(cache_dir: &Path, keep: Option<&str>) -> Result<()> {
+    for i in list(cache_dir) {
+        if Some(i.bundle_id.as_str()) != keep {
+            let d = cache_dir.join(&i.bundle_id);
+            std::fs::remove_dir_all(&d).ctx(|| format!("removing {}", d.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Remove one staged bundle (installed).
+pub fn remove(cache_dir: &Path, bundle_id: &str) -> Result<()> {
+    let d = cache_dir.join(bundle_id);
+    match std::fs::remove_dir_all(&d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("removing {}", d.display()), e)),
+    }
+}
+
+/// Free bytes on the filesystem holding `dir` (or its nearest existing parent).
+pub fn free_space(dir: &Path) -> Result<u64> {
+    let mut at = dir.to_path_buf();
+    while !at.exists() {
+        if !at.pop() {
+            break;
+        }
+    }
+    let st = nix::sys::statvfs::statvfs(&at)
+        .map_err(|e| Error::io(format!("checking free space in {}", at.display()), e.into()))?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Writes fetched bytes into a staging and commits them every few MiB or seconds, so an
+/// interrupted fetch loses at most that much.
+pub struct Committer<'a> {
+    staged: &'a StagedBundle,
+    pending: Vec<Range<u64>>,
+    bytes: u64,
+    last: Instant,
+}
+
+impl<'a> Committer<'a> {
+    pub fn new(staged: &'a StagedBundle) -> Self {
+        Committer {
+            staged,
+            pending: Vec::new(),
+            bytes: 0,
+            last: Instant::now(),
+        }
+    }
+
+    pub fn write(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.staged.write(offset, bytes)?;
+        match self.pending.last_mut() {
+            Some(r) if r.end == offset => r.end += bytes.len() as u64,
+            _ => self.pending.push(offset..offset + bytes.len() as u64),
+        }
+        self.bytes += bytes.len() as u64;
+        if self.bytes >= 4 << 20 || self.last.elapsed() > Duration::from_secs(5) {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let ranges = std::mem::take(&mut self.pending);
+        self.staged.commit(&ranges, |_| {})?;
+        self.bytes = 0;
+        self.last = Instant::now();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_merges_and_subtracts_ranges() {
+        let mut i = Index::default();
+        i.add(10, 20);
+        i.add(30, 40);
+        i.add(20, 30);
+        assert_eq!(i.present, vec![[10, 40]]);
+        assert_eq!(i.missing(&[0..15, 35..50]), vec![0..10, 40..50]);
+        i.remove(15, 25);
+        assert_eq!(i.present, vec![[10, 15], [25, 40]]);
+        assert!(i.contains(&(26..40)));
+        assert!(!i.contains(&(14..26)));
+        assert_eq!(i.present_bytes(), 20);
+    }
+}
