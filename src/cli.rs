@@ -62,6 +62,15 @@ pub enum Command {
         #[command(flatten)]
         net: NetArgs,
     },
+    /// Download now, apply later: stage what an apply of SOURCE would fetch (only what this
+    /// device lacks) in the cache on the data partition; resumable; `apply` then uses it
+    /// (`apply --offline` only it).
+    Fetch {
+        /// Bundle: an http:// or https:// URL, or a path.
+        source: String,
+        #[command(flatten)]
+        net: NetArgs,
+    },
     /// Every check apply makes (signatures, policy, the target slot, sizes, every chunk),
     /// writing nothing.
     Verify {
@@ -203,7 +212,16 @@ pub fn run(cli: Cli) -> Result<u8> {
             let cfg = load()?;
             let _lock = lock(&cfg, "apply")?;
             let mut bl = bootloader::open(&cfg)?;
-            let src = net.open(&cfg, &source)?;
+            let src = if net.offline {
+                match install::BundleSource::staged(&cfg, &source) {
+                    Ok(s) => s,
+                    // A local file needs no staging.
+                    Err(_) if std::path::Path::new(&source).is_file() => net.open(&cfg, &source)?,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                net.open(&cfg, &source)?
+            };
             let opts = ApplyOptions { slot, tries };
             let progress = net.progress(quiet, json);
             let report =
@@ -229,6 +247,21 @@ pub fn run(cli: Cli) -> Result<u8> {
             if !no_reboot {
                 reboot()?;
             }
+            Ok(0)
+        }
+        Command::Fetch { source, net } => {
+            let cfg = load()?;
+            let _lock = lock(&cfg, "fetch")?;
+            let bl = bootloader::open(&cfg)?;
+            let src = net.open(&cfg, &source)?;
+            let progress = net.progress(false, json);
+            let r = install::fetch(&cfg, bl.as_ref(), src, &net.limits(&cfg), &progress)?;
+            print(json, &r, || {
+                format!(
+                    "staged {} in {}: {} bytes fetched now, {} staged, all checked\n",
+                    r.bundle_version, r.cache, r.fetched, r.staged
+                )
+            });
             Ok(0)
         }
         Command::Verify { source, slot } => {

@@ -270,6 +270,8 @@ pub struct Status {
     /// nothing.
     pub health_required_probes: usize,
     pub health_allow_no_probes: bool,
+    /// Bundles staged by `fetch`, waiting to be applied.
+    pub staged: Vec<crate::stage::Index>,
     /// What is wrong and how to repair it; empty on a healthy device.
     pub problems: Vec<String>,
 }
@@ -363,6 +365,7 @@ pub fn status(cfg: &Config, bl: &dyn Bootloader) -> Result<Status> {
         bootloader: bl.describe(),
         health_required_probes: cfg.health.required(),
         health_allow_no_probes: cfg.health.allow_no_probes,
+        staged: crate::stage::list(&cfg.cache_dir()),
         problems,
     })
 }
@@ -422,6 +425,21 @@ impl Status {
                 opt(&ev.version),
                 ev.running,
                 ev.reason
+            );
+        }
+        for st in &self.staged {
+            s += &format!(
+                "staged:       {} ({}), {} bytes of {} needed{}, from {}\n",
+                st.version,
+                &st.bundle_id[..16.min(st.bundle_id.len())],
+                st.present_bytes(),
+                st.needed,
+                if st.complete {
+                    ", complete"
+                } else {
+                    ", INCOMPLETE: run fetch again"
+                },
+                st.source
             );
         }
         for p in &self.problems {

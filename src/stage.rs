@@ -198,34 +198,55 @@ impl StagedBundle {
         std::fs::read(&p).ctx(|| format!("reading {}", p.display()))
     }
 
+    /// Running out of space is its own error (exit 20), naming the cache: the operator
+    /// frees space, and the next fetch continues where this one stopped.
+    fn no_space(&self, e: Error) -> Error {
+        let enospc = match &e {
+            Error::Io { source, .. } => {
+                source.raw_os_error() == Some(nix::libc::ENOSPC)
+                    || source.kind() == std::io::ErrorKind::StorageFull
+            }
+            _ => false,
+        };
+        if !enospc {
+            return e;
+        }
+        let index = self.index.lock().expect("index lock");
+        Error::TooLarge {
+            payload: "staged bundle".into(),
+            size: index.needed.saturating_sub(index.present_bytes()),
+            target: format!(
+                "the free space in {} (the disk filled up)",
+                self.dir.display()
+            ),
+            capacity: free_space(&self.dir).unwrap_or(0),
+        }
+    }
+
     /// Write fetched bytes at their bundle offset (not yet listed as present).
     pub fn write(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.data.write_all_at(bytes, offset).map_err(|e| {
-            if e.raw_os_error() == Some(nix::libc::ENOSPC) {
-                Error::TooLarge {
-                    payload: "staged bundle".into(),
-                    size: bytes.len() as u64,
-                    target: format!("the free space in {}", self.dir.display()),
-                    capacity: 0,
-                }
-            } else {
-                Error::io(format!("writing {}", self.dir.join(DATA).display()), e)
-            }
-        })
+        self.data
+            .write_all_at(bytes, offset)
+            .ctx(|| format!("writing {}", self.dir.join(DATA).display()))
+            .map_err(|e| self.no_space(e))
     }
 
     /// Make the data durable, then list `ranges` as present (atomically replaced index).
     pub fn commit(&self, ranges: &[Range<u64>], update: impl FnOnce(&mut Index)) -> Result<()> {
         self.data
             .sync_data()
-            .ctx(|| format!("syncing {}", self.dir.join(DATA).display()))?;
-        let mut idx = self.index.lock().expect("index lock");
+            .ctx(|| format!("syncing {}", self.dir.join(DATA).display()))
+            .map_err(|e| self.no_space(e))?;
+        let mut next = self.index.lock().expect("index lock").clone();
         for r in ranges {
-            idx.add(r.start, r.end);
+            next.add(r.start, r.end);
         }
-        update(&mut idx);
-        let bytes = serde_json::to_vec_pretty(&*idx).expect("index serializes");
-        crate::fsutil::write_atomic(&self.dir.join(INDEX), &bytes, 0o644)?;
+        update(&mut next);
+        let bytes = serde_json::to_vec_pretty(&next).expect("index serializes");
+        crate::fsutil::write_atomic(&self.dir.join(INDEX), &bytes, 0o644)
+            .map_err(|e| self.no_space(e.into()))?;
+        // Listed in memory only once listed on disk.
+        *self.index.lock().expect("index lock") = next;
         Ok(())
     }
 
@@ -302,7 +323,7 @@ pub fn free_space(dir: &Path) -> Result<u64> {
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
-/// Writes fetched bytes into a staging and commits them every few MiB or seconds, so an
+/// Writes fetched bytes into a staging and commits them every MiB or second, so an
 /// interrupted fetch loses at most that much.
 pub struct Committer<'a> {
     staged: &'a StagedBundle,
@@ -328,7 +349,7 @@ impl<'a> Committer<'a> {
             _ => self.pending.push(offset..offset + bytes.len() as u64),
         }
         self.bytes += bytes.len() as u64;
-        if self.bytes >= 4 << 20 || self.last.elapsed() > Duration::from_secs(5) {
+        if self.bytes >= 1 << 20 || self.last.elapsed() > Duration::from_secs(1) {
             self.flush()?;
         }
         Ok(())

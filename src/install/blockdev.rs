@@ -98,7 +98,9 @@ impl PosWriter {
         // A second, buffered handle for unaligned writes: a non-exclusive open is allowed
         // while we hold the exclusive claim.
         let (direct, buffered) = if direct {
+            // Readable too: a resumed apply re-reads the chunks it relies on.
             let b = OpenOptions::new()
+                .read(true)
                 .write(true)
                 .open(path)
                 .ctx(|| format!("opening for writing {}", path.display()))?;

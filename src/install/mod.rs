@@ -479,7 +479,6 @@ pub fn apply(
     // 2. Produce every chunk, verify it, write it; checkpoint as it goes; then read back.
     progress.phase("writing", format!("{} into slot {}", m.version, dev.name));
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut fail_after = crate::failpoint::chunk_countdown();
     let device_payloads: Vec<bool> = plan
         .destinations
         .iter()
@@ -492,7 +491,6 @@ pub fn apply(
         workers,
         progress,
         &mut |done| {
-            fail_after();
             // Only chunks in the slot itself survive a restart (file payloads are staged
             // afresh by every apply).
             let done = done
@@ -758,6 +756,7 @@ pub fn fetch(
     let eplan = engine::plan(&inputs, false, progress)?;
     let needed_frames = eplan.frame_ranges(&inputs);
     let needed: u64 = needed_frames.iter().map(|r| r.end - r.start).sum();
+    staging.commit(&[], |i| i.needed = needed)?;
     let missing = staging.index().missing(&needed_frames);
     let missing_bytes: u64 = missing.iter().map(|r| r.end - r.start).sum();
     let mut summary = eplan.summary.clone();

@@ -876,8 +876,9 @@ impl RangeSource for HttpSource {
 }
 
 impl HttpSource {
-    /// Deliver from the bytes kept at open what `todo` starts with; they go to the first
-    /// fetch that asks for them.
+    /// Deliver from the bytes kept at open what `todo` starts with. They are kept for every
+    /// fetch: a caller reads the header, then the manifest, then the first chunks, all often
+    /// within them, and none of those bytes should cross a 2 KB/s link twice.
     fn serve_head(
         &mut self,
         todo: &mut VecDeque<Range<u64>>,
@@ -887,15 +888,17 @@ impl HttpSource {
             return Ok(());
         };
         let hl = head.len() as u64;
-        let mut used = false;
+        let mut r = Ok(());
         while let Some(front) = todo.front_mut() {
             if front.start >= hl {
                 break;
             }
             let end = front.end.min(hl);
-            sink(front.start, &head[front.start as usize..end as usize])?;
+            r = sink(front.start, &head[front.start as usize..end as usize]);
+            if r.is_err() {
+                break;
+            }
             HttpCounters::add(&self.counters.delivered_bytes, end - front.start);
-            used = true;
             if end == front.end {
                 todo.pop_front();
             } else {
@@ -903,10 +906,8 @@ impl HttpSource {
                 break;
             }
         }
-        if !used {
-            self.head = Some(head);
-        }
-        Ok(())
+        self.head = Some(head);
+        r
     }
 }
 

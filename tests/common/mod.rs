@@ -314,15 +314,23 @@ pub fn stdout(o: &Output) -> String {
 }
 
 /// Assert a refusal: exit code, message, a single error line.
+/// Assert a refusal: exit code, and exactly one error line, the last, holding `msg`. Notes
+/// before it (e.g. that an interrupted install continues) are allowed; nothing else is.
 pub fn assert_refused(o: &Output, code: i32, msg: &str) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(code), "stderr: {err}");
-    assert!(err.contains(msg), "expected {msg:?} in: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "one line expected: {err}"
+    let lines: Vec<&str> = err.trim_end().lines().collect();
+    let last = lines.last().copied().unwrap_or_default();
+    assert!(
+        last.starts_with("edge-ota: error: ") && last.contains(msg),
+        "expected one error line with {msg:?}, last: {err}"
     );
+    for l in &lines[..lines.len() - 1] {
+        assert!(
+            l.starts_with("edge-ota: ") && !l.starts_with("edge-ota: error"),
+            "only notes may come before the error: {err}"
+        );
+    }
 }
 
 /// Byte ranges of a bundle's parts: (header, manifest, signatures, payload start).
