@@ -114,6 +114,10 @@ pub enum Command {
         /// Its security version: the anti-rollback floor starts there.
         #[arg(long, default_value_t = 0)]
         security_version: u64,
+        /// Record the GOOD slot's whole device as its image (size and blake3), so a delta
+        /// built against that image can rebuild from it. Reads the whole slot.
+        #[arg(long)]
+        record_image: bool,
     },
     /// Repair the boot environment and the state file from what can be proven (the booted
     /// slot, recorded slot images, the floor's two copies).
@@ -397,6 +401,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             good,
             version,
             security_version,
+            record_image,
         } => {
             let cfg = load()?;
             let _lock = lock(&cfg, "init-boot-env")?;
@@ -409,6 +414,14 @@ pub fn run(cli: Cli) -> Result<u8> {
             rec.version = version.map(|v| v.to_string());
             rec.security_version = Some(security_version);
             rec.confirmed_at = Some(crate::verify::unix_now()?);
+            if record_image {
+                let dev = crate::slot::resolve(&cfg, cfg.slot(&good)?)?;
+                let hash = install::blockdev::hash_region(&dev.path, dev.offset, dev.size)?;
+                rec.image = Some(crate::state::ImageRecord {
+                    size: dev.size,
+                    blake3: hash.into(),
+                });
+            }
             let mut bl = bootloader::open(&cfg)?;
             crate::control::raise_floor(&mut state, bl.as_mut(), security_version)?;
             store.save(&state)?;

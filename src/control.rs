@@ -341,7 +341,11 @@ pub fn status(cfg: &Config, bl: &dyn Bootloader) -> Result<Status> {
                 None
             },
             booted: booted.as_deref() == Some(s.name.as_str()),
-            record: state.slot(&s.name),
+            record: crate::state::SlotRecord {
+                // The chunk table is for updates, not for people.
+                chunks: None,
+                ..state.slot(&s.name)
+            },
         })
         .collect();
     Ok(Status {

@@ -19,6 +19,7 @@ pub mod fsutil;
 pub mod health;
 pub mod install;
 pub mod lock;
+pub mod memory;
 pub mod progress;
 pub mod repair;
 pub mod slot;

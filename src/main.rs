@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    edge_ota::memory::tune();
     let cli = edge_ota::cli::Cli::parse();
     match edge_ota::cli::run(cli) {
         Ok(code) => ExitCode::from(code),

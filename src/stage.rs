@@ -118,7 +118,13 @@ pub struct StagedBundle {
     dir: PathBuf,
     data: File,
     index: Mutex<Index>,
+    /// Appended but not yet listed: (ranges, bytes, since).
+    pending: Mutex<(Vec<Range<u64>>, u64, Instant)>,
 }
+
+/// An interrupted fetch or apply loses at most this much of what it had received.
+const COMMIT_BYTES: u64 = 512 << 10;
+const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
 impl StagedBundle {
     fn paths(cache_dir: &Path, bundle_id: &str) -> PathBuf {
@@ -159,6 +165,7 @@ impl StagedBundle {
             dir,
             data,
             index: Mutex::new(index),
+            pending: Mutex::new((Vec::new(), 0, Instant::now())),
         })
     }
 
@@ -168,7 +175,11 @@ impl StagedBundle {
         let Some(index) = Self::read_index(&dir)? else {
             return Ok(None);
         };
-        let data = match File::open(dir.join(DATA)) {
+        let data = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join(DATA))
+        {
             Ok(f) => f,
             Err(_) => return Ok(None),
         };
@@ -176,6 +187,7 @@ impl StagedBundle {
             dir,
             data,
             index: Mutex::new(index),
+            pending: Mutex::new((Vec::new(), 0, Instant::now())),
         }))
     }
 
@@ -253,11 +265,91 @@ impl StagedBundle {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Keep fetched bytes: written at once, listed as present every [`COMMIT_BYTES`] or
+    /// [`COMMIT_EVERY`] (after an fsync of the data).
+    pub fn append(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.write(offset, bytes)?;
+        let due = {
+            let mut p = self.pending.lock().expect("pending lock");
+            match p.0.last_mut() {
+                Some(r) if r.end == offset => r.end += bytes.len() as u64,
+                _ => p.0.push(offset..offset + bytes.len() as u64),
+            }
+            p.1 += bytes.len() as u64;
+            p.1 >= COMMIT_BYTES || p.2.elapsed() >= COMMIT_EVERY
+        };
+        if due {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// List everything appended so far.
+    pub fn flush(&self) -> Result<()> {
+        let ranges = {
+            let mut p = self.pending.lock().expect("pending lock");
+            p.1 = 0;
+            p.2 = Instant::now();
+            std::mem::take(&mut p.0)
+        };
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        self.commit(&ranges, |_| {})
+    }
+
+    /// Forget ranges that were used up (their chunks are written and checkpointed in the
+    /// slot): the space goes back to the filesystem, so an apply that streams through the
+    /// cache never holds more than what is in flight.
+    pub fn discard(&self, ranges: &[Range<u64>]) -> Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        use std::os::fd::AsRawFd;
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        self.commit(&[], |i| {
+            for r in ranges {
+                i.remove(r.start, r.end);
+            }
+        })?;
+        for r in ranges {
+            // Best effort: a filesystem without hole punching keeps the bytes until the
+            // staging is removed.
+            let _ = fallocate(
+                self.data.as_raw_fd(),
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                r.start as i64,
+                (r.end - r.start) as i64,
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Staged for StagedBundle {
     fn has(&self, r: &Range<u64>) -> bool {
         self.index.lock().expect("index lock").contains(r)
+    }
+
+    fn prefix(&self, r: &Range<u64>) -> u64 {
+        let idx = self.index.lock().expect("index lock");
+        idx.present
+            .iter()
+            .find(|p| p[0] <= r.start && r.start < p[1])
+            .map_or(0, |p| p[1].min(r.end) - r.start)
+    }
+
+    fn spool(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.append(offset, bytes)
+    }
+
+    fn flush(&self) -> Result<()> {
+        StagedBundle::flush(self)
+    }
+
+    fn used(&self, ranges: &[Range<u64>]) -> Result<()> {
+        self.discard(ranges)
     }
 
     fn read(&self, r: &Range<u64>, buf: &mut [u8]) -> Result<()> {
@@ -300,6 +392,20 @@ pub fn remove_others(cache_dir: &Path, keep: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Remove staged bundles of `version` or older (superseded by an install of `version`).
+pub fn remove_superseded(cache_dir: &Path, version: &semver::Version) -> Result<()> {
+    for i in list(cache_dir) {
+        let older = i
+            .version
+            .parse::<semver::Version>()
+            .is_ok_and(|v| v <= *version);
+        if older {
+            remove(cache_dir, &i.bundle_id)?;
+        }
+    }
+    Ok(())
+}
+
 /// Remove one staged bundle (installed).
 pub fn remove(cache_dir: &Path, bundle_id: &str) -> Result<()> {
     let d = cache_dir.join(bundle_id);
@@ -321,50 +427,6 @@ pub fn free_space(dir: &Path) -> Result<u64> {
     let st = nix::sys::statvfs::statvfs(&at)
         .map_err(|e| Error::io(format!("checking free space in {}", at.display()), e.into()))?;
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
-}
-
-/// Writes fetched bytes into a staging and commits them every MiB or second, so an
-/// interrupted fetch loses at most that much.
-pub struct Committer<'a> {
-    staged: &'a StagedBundle,
-    pending: Vec<Range<u64>>,
-    bytes: u64,
-    last: Instant,
-}
-
-impl<'a> Committer<'a> {
-    pub fn new(staged: &'a StagedBundle) -> Self {
-        Committer {
-            staged,
-            pending: Vec::new(),
-            bytes: 0,
-            last: Instant::now(),
-        }
-    }
-
-    pub fn write(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.staged.write(offset, bytes)?;
-        match self.pending.last_mut() {
-            Some(r) if r.end == offset => r.end += bytes.len() as u64,
-            _ => self.pending.push(offset..offset + bytes.len() as u64),
-        }
-        self.bytes += bytes.len() as u64;
-        if self.bytes >= 1 << 20 || self.last.elapsed() > Duration::from_secs(1) {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    pub fn flush(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let ranges = std::mem::take(&mut self.pending);
-        self.staged.commit(&ranges, |_| {})?;
-        self.bytes = 0;
-        self.last = Instant::now();
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,9 @@ pub struct VmConfig<'a> {
     pub disk: &'a Path,
     /// A raw image attached as a USB stick.
     pub usb: Option<&'a Path>,
+    /// A virtio NIC on QEMU's user network: the guest reaches the host's 127.0.0.1 as
+    /// 10.0.2.2.
+    pub net: bool,
     pub log_dir: &'a Path,
 }
 
@@ -54,6 +57,9 @@ impl Vm {
                 "file={},if=virtio,format=raw,cache=writeback",
                 cfg.disk.display()
             ));
+        if cfg.net {
+            cmd.args(["-nic", "user,model=virtio-net-pci"]);
+        }
         if let Some(usb) = cfg.usb {
             cmd.args(["-device", "qemu-xhci,id=xhci"])
                 .arg("-drive")

@@ -41,13 +41,22 @@ pub enum Fetcher {
     Offline,
 }
 
-/// Compressed bytes staged earlier (the `fetch` cache): absolute bundle ranges that can be
-/// read locally.
+/// Compressed bytes staged on the device (the `fetch` cache, which an apply over the network
+/// also spools through, so a frame cut by a power failure continues from its exact byte):
+/// absolute bundle ranges that can be read locally.
 pub trait Staged: Send + Sync {
     /// Whether every byte of `r` is staged.
     fn has(&self, r: &Range<u64>) -> bool;
+    /// How many bytes of `r`, from its start, are staged.
+    fn prefix(&self, r: &Range<u64>) -> u64;
     /// Read a staged range.
     fn read(&self, r: &Range<u64>, buf: &mut [u8]) -> Result<()>;
+    /// Keep bytes as they arrive from the source.
+    fn spool(&self, offset: u64, bytes: &[u8]) -> Result<()>;
+    /// Make what was spooled count.
+    fn flush(&self) -> Result<()>;
+    /// These ranges are used up (their chunks are written and checkpointed).
+    fn used(&self, ranges: &[Range<u64>]) -> Result<()>;
 }
 
 /// The running slot, for copies and deltas.
@@ -70,6 +79,9 @@ pub struct Inputs<'a> {
     /// An interrupted apply of this bundle into the same slot.
     pub resume: Option<&'a InstallProgress>,
     pub staged: Option<Arc<dyn Staged>>,
+    /// Drop staged frames once their chunks are written and checkpointed (an apply, not the
+    /// check at the end of a fetch).
+    pub consume_staged: bool,
     /// Name of the source, for the plan.
     pub source_name: String,
 }
@@ -322,10 +334,10 @@ pub fn run(
         .max()
         .unwrap_or(0);
     let zeros = AlignedBuf::new(zero_len as usize);
+    // Crash tests stop dead after N chunks written, zeros included (feature failpoints only).
+    let mut fail_after = crate::failpoint::chunk_countdown();
     // (chunks, bytes, time) since the last checkpoint.
     let mut since_checkpoint = (0usize, 0u64, Instant::now());
-    // Crash tests stop dead after N chunks written (feature failpoints only).
-    let mut fail_after = crate::failpoint::chunk_countdown();
 
     // Zero chunks are written here; everything else goes through the pipeline.
     for (pi, hs) in plan.how.iter().enumerate() {
@@ -333,6 +345,7 @@ pub fn run(
             if *h == How::Zero {
                 let c = &m.payloads[pi].chunks[i];
                 let p = &m.payloads[pi];
+                fail_after();
                 inp.outs[pi].write_at(p.chunk_start(i), &zeros.as_slice()[..c.len as usize])?;
                 done[pi].push(i as u32);
                 written += u64::from(c.len);
@@ -349,6 +362,34 @@ pub fn run(
         if n_results == 0 {
             break;
         }
+        // Which frame each chunk comes from, and how many chunks each frame still owes: a
+        // frame whose chunks are all written and checkpointed is dropped from the spool.
+        let mut frame_of: HashMap<(usize, usize), u64> = HashMap::new();
+        let mut owed: HashMap<u64, (Range<u64>, usize)> = HashMap::new();
+        for it in &work {
+            if let Item::Frame(r, w) = it {
+                let chunks: Vec<(usize, usize)> = match w {
+                    Work::Full(pi, i, _) => vec![(*pi, *i)],
+                    Work::Delta(pi, _, _, _, wanted) => wanted.iter().map(|&i| (*pi, i)).collect(),
+                    Work::Local(..) => Vec::new(),
+                };
+                owed.insert(r.start, (r.clone(), chunks.len()));
+                for c in chunks {
+                    frame_of.insert(c, r.start);
+                }
+            }
+        }
+        let mut used: Vec<Range<u64>> = Vec::new();
+        let mut settle = |pi: usize, i: usize, used: &mut Vec<Range<u64>>| {
+            if let Some(start) = frame_of.remove(&(pi, i)) {
+                if let Some((r, n)) = owed.get_mut(&start) {
+                    *n -= 1;
+                    if *n == 0 {
+                        used.push(r.clone());
+                    }
+                }
+            }
+        };
         let Some(f) = fetcher.take() else {
             return Err(Error::Offline(
                 "chunks that could not be rebuilt locally must be fetched, and the source (a pipe) is already read: run apply again".into(),
@@ -374,6 +415,7 @@ pub fn run(
                     left -= 1;
                     since_checkpoint.0 += 1;
                     since_checkpoint.1 += len as u64;
+                    settle(pi, i, &mut used);
                 }
                 Ok(Ok(Done::Mismatch(pi, i, why))) => {
                     if pass == 1 {
@@ -388,6 +430,7 @@ pub fn run(
                     ));
                     fallback.push((pi, i));
                     left -= 1;
+                    settle(pi, i, &mut used);
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
@@ -415,6 +458,9 @@ pub fn run(
                 }
                 done.iter_mut().for_each(|d| d.sort_unstable());
                 checkpoint(&done)?;
+                if let (Some(st), true) = (&inp.staged, inp.consume_staged) {
+                    st.used(&std::mem::take(&mut used))?;
+                }
                 since_checkpoint = (0, 0, Instant::now());
             }
         }
@@ -525,9 +571,9 @@ fn start(
         .flat_map(|p| p.chunks.iter().map(|c| c.len))
         .max()
         .unwrap_or(0) as usize;
-    // Out buffers: one per worker, one being written, one spare. In buffers: one being
-    // filled, one per worker.
-    let pool = workers + 2;
+    // Out buffers: one per worker, one being written. In buffers: one being filled, one per
+    // worker. With 4 MiB chunks that is the bulk of the memory an apply uses.
+    let pool = workers + 1;
     let (free_out_tx, free_out_rx) = bounded::<AlignedBuf>(pool);
     for _ in 0..pool {
         free_out_tx
@@ -541,6 +587,9 @@ fn start(
     let (work_tx, work_rx) = bounded::<Work>(workers);
     let (done_tx, done_rx) = unbounded::<Result<Done>>();
     let (cancel_tx, cancel_rx) = bounded::<()>(0);
+    // One delta frame at a time: each holds its prefix (up to 8 MiB) and its literals while it
+    // decodes, and two at once would double the peak.
+    let delta_gate = Arc::new(std::sync::Mutex::new(()));
 
     {
         let done_tx = done_tx.clone();
@@ -573,6 +622,7 @@ fn start(
         let cancel_rx = cancel_rx.clone();
         let m = m.clone();
         let base = inp.base.clone();
+        let delta_gate = delta_gate.clone();
         std::thread::Builder::new()
             .name(format!("chunk-worker-{w}"))
             .spawn(move || {
@@ -603,6 +653,7 @@ fn start(
                         )
                         .map(|d| vec![d]),
                         Work::Delta(pi, d, f, compressed, wanted) => {
+                            let _one = delta_gate.lock().unwrap_or_else(|e| e.into_inner());
                             let r = delta(
                                 &m,
                                 base.as_deref(),
@@ -713,10 +764,17 @@ fn feed(
             if remote.is_empty() {
                 return Ok(Some(Fetcher::Ranges(src)));
             }
-            let ranges: Vec<Range<u64>> = remote.iter().map(|(r, _)| r.clone()).collect();
+            // A frame partly staged (a fetch or apply cut mid-frame) continues from its byte.
+            let ranges: Vec<Range<u64>> = remote
+                .iter()
+                .map(|(r, _)| {
+                    let have = staged.as_ref().map_or(0, |s| s.prefix(r));
+                    r.start + have..r.end
+                })
+                .collect();
             let mut pending = remote.into_iter();
             let mut cur: Option<(Range<u64>, Work, Vec<u8>)> = None;
-            src.fetch(&ranges, &mut |off, bytes| {
+            let r = src.fetch(&ranges, &mut |off, bytes| {
                 let mut bytes = bytes;
                 let mut off = off;
                 while !bytes.is_empty() {
@@ -728,6 +786,13 @@ fn feed(
                         })?;
                         let mut buf = free_in.recv().map_err(|_| stopped())?;
                         buf.clear();
+                        if let Some(st) = &staged {
+                            let have = st.prefix(&range);
+                            if have > 0 {
+                                buf.resize(have as usize, 0);
+                                st.read(&(range.start..range.start + have), &mut buf)?;
+                            }
+                        }
                         cur = Some((range, w, buf));
                     }
                     let (range, _, buf) = cur.as_mut().expect("set above");
@@ -739,6 +804,9 @@ fn feed(
                     }
                     let n = ((range.end - want) as usize).min(bytes.len());
                     buf.extend_from_slice(&bytes[..n]);
+                    if let Some(st) = &staged {
+                        st.spool(off, &bytes[..n])?;
+                    }
                     fetched.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                     bytes = &bytes[n..];
                     off += n as u64;
@@ -748,7 +816,12 @@ fn feed(
                     }
                 }
                 Ok(())
-            })?;
+            });
+            // What arrived is kept for the next try, even when this one failed.
+            if let Some(st) = &staged {
+                st.flush()?;
+            }
+            r?;
             if cur.is_some() || pending.next().is_some() {
                 return Err(Error::Truncated(format!(
                     "{} ended before every frame asked for",

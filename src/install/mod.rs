@@ -419,18 +419,20 @@ pub fn apply(
     let resume = rec
         .progress
         .filter(|pr| rec.status == SlotStatus::Installing && pr.bundle_id == bundle_id);
+    // Frames staged by a `fetch` (or by an earlier, interrupted apply over the network).
     let staged: Option<Arc<dyn engine::Staged>> = match &src {
         BundleSource::Staged(st, _) => Some(st.clone()),
         _ => crate::stage::StagedBundle::open(&cfg.cache_dir(), &bundle_id)?
             .map(|st| Arc::new(st) as Arc<dyn engine::Staged>),
     };
-    let inputs = engine::Inputs {
+    let mut inputs = engine::Inputs {
         manifest: m.clone(),
         payload_offset: head.header.payload_offset(),
         outs,
         base: running_slot(cfg, &state)?,
         resume: resume.as_ref(),
         staged,
+        consume_staged: true,
         source_name: src.name(),
     };
     progress.phase("planning", "");
@@ -452,6 +454,17 @@ pub fn apply(
     }
     // The bundle passed every check: now repair a missing or stale floor copy, if any.
     Floor::restore(&mut state, bl)?;
+    // Over a network, what arrives is spooled in the cache (and dropped as it is used), so a
+    // power cut mid-frame never costs a byte twice.
+    if inputs.staged.is_none() && matches!(&src, BundleSource::Ranges(r) if r.is_remote()) {
+        inputs.staged = Some(Arc::new(crate::stage::StagedBundle::open_or_create(
+            &cfg.cache_dir(),
+            &bundle_id,
+            &m.version.to_string(),
+            &src.name(),
+            &head.to_bytes(),
+        )?));
+    }
 
     // 1. Not bootable before the first byte is written.
     bl.mark_bad(&dev.name)?;
@@ -570,9 +583,11 @@ pub fn apply(
     // 4. Boot it next, with a limited number of tries.
     bl.set_primary(&dev.name, plan.tries)?;
     crate::failpoint::hit("after-flip");
-    // Installed: its staged copy, if any, has served.
-    if let Err(e) = crate::stage::remove(&cfg.cache_dir(), &bundle_id) {
-        progress.note(format!("could not remove the staged copy: {e}"));
+    // Installed: its staged copy, if any, has served, and so have older ones.
+    if let Err(e) = crate::stage::remove(&cfg.cache_dir(), &bundle_id)
+        .and_then(|()| crate::stage::remove_superseded(&cfg.cache_dir(), &m.version))
+    {
+        progress.note(format!("could not remove a staged copy: {e}"));
     }
     Ok(ApplyReport {
         slot: dev.name.clone(),
@@ -652,6 +667,7 @@ pub fn verify_all(
         base: None,
         resume: None,
         staged: None,
+        consume_staged: false,
         source_name: src.name(),
     };
     let progress = Progress::hidden();
@@ -751,6 +767,7 @@ pub fn fetch(
         base: running_slot(cfg, &state)?,
         resume: resume.as_ref(),
         staged: Some(staging.clone()),
+        consume_staged: false,
         source_name: source_name.clone(),
     };
     let eplan = engine::plan(&inputs, false, progress)?;
@@ -786,22 +803,19 @@ pub fn fetch(
     }
     progress.phase("staging", format!("{} into {}", m.version, cache.display()));
     let fetched = std::cell::Cell::new(0u64);
-    {
-        let mut committer = crate::stage::Committer::new(&staging);
-        let r = remote.fetch(&missing, &mut |off, bytes| {
-            committer.write(off, bytes)?;
-            fetched.set(fetched.get() + bytes.len() as u64);
-            progress.bytes(crate::progress::Bytes {
-                needed: missing_bytes,
-                fetched: fetched.get(),
-                ..Default::default()
-            });
-            Ok(())
+    let r = remote.fetch(&missing, &mut |off, bytes| {
+        staging.append(off, bytes)?;
+        fetched.set(fetched.get() + bytes.len() as u64);
+        progress.bytes(crate::progress::Bytes {
+            needed: missing_bytes,
+            fetched: fetched.get(),
+            ..Default::default()
         });
-        // Whatever arrived is kept for the next try, even when the fetch failed.
-        committer.flush()?;
-        r?;
-    }
+        Ok(())
+    });
+    // Whatever arrived is kept for the next try, even when the fetch failed.
+    staging.flush()?;
+    r?;
     // Check every staged frame: decode it (or rebuild its chunks) and compare with the
     // signed hashes, writing nothing.
     progress.phase("checking", "");

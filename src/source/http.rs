@@ -829,6 +829,10 @@ impl RangeSource for HttpSource {
         &self.name
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn fetch(
         &mut self,
         ranges: &[Range<u64>],

@@ -54,6 +54,11 @@ pub trait RangeSource: Send {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Across a network: what arrives is spooled on the device, so a cut never costs a byte
+    /// twice.
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// For messages: a path or a URL.
     fn name(&self) -> &str;
     /// Deliver exactly the bytes of `ranges` (sorted, not overlapping) to `sink`, in ascending

@@ -23,6 +23,7 @@ fn main() {
         name: "demo",
         disk: &disk,
         usb: Some(&usb),
+        net: false,
         log_dir: &a.work.join("logs"),
     });
     let boot = Duration::from_secs(300);
