@@ -231,3 +231,35 @@ fn cli_definition_is_consistent() {
     use clap::CommandFactory;
     edge_ota::cli::Cli::command().debug_assert();
 }
+
+#[test]
+fn format_1_bundle_still_applies() {
+    let dev = Device::new(1 << 20);
+    let b = dev.bundle(
+        "v1.eota",
+        &BundleOpts {
+            format: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!(&std::fs::read(&b).unwrap()[8..12], &1u32.to_le_bytes());
+    let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let image = image_bytes(300_000, 1);
+    assert_eq!(
+        &std::fs::read(dev.path("slotB")).unwrap()[..image.len()],
+        &image[..]
+    );
+    // And from a pipe.
+    let dev = Device::new(1 << 20);
+    let b = dev.bundle(
+        "v1.eota",
+        &BundleOpts {
+            format: 1,
+            ..Default::default()
+        },
+    );
+    let o = dev.run_stdin(&["apply", "--no-reboot", "-"], &std::fs::read(&b).unwrap());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(dev.boot_state("B"), SlotBootState::Trying { tries_left: 3 });
+}
