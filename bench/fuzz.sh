@@ -27,7 +27,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked >&2
 fi
 (cd "$top/fuzz" && cargo fuzz build --sanitizer "$sanitizer" >&2)
-bin_dir=$top/fuzz/target/x86_64-unknown-linux-gnu/release
+bin_dir=$top/fuzz/target/$(rustc -vV | sed -n "s/^host: //p")/release
 
 # Per target: longest input, dictionary, extra libFuzzer limits. A single allocation of the
 # malloc limit or more is a crash (needs a sanitizer's malloc hooks: not with
