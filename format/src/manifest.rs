@@ -56,6 +56,8 @@ pub mod limits {
     pub const MAX_PREFIX: u64 = 16 << 20;
     /// Base ranges in one prefix.
     pub const MAX_PREFIX_RANGES: usize = 4096;
+    /// Images one container-images payload may list.
+    pub const MAX_IMAGES: usize = 256;
 }
 
 /// A 32-byte blake3 digest, hex in JSON.
@@ -245,6 +247,81 @@ pub struct Payload {
     /// Version 2, image payloads: ways to rebuild this payload from an earlier image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deltas: Vec<Delta>,
+    /// Container-images payloads: the images the archive holds, which the device checks after
+    /// importing it into containerd (absent in bundles made before this field existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ContainerImage>,
+}
+
+/// An image a container-images archive holds: the name containerd gives it on import and the
+/// digest the device compares once it is imported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerImage {
+    /// The full reference (`registry.local/edge/hello:1`), as `ctr images ls` lists it.
+    pub name: String,
+    /// `sha256:<64 hex>`, of what `digest_of` says.
+    pub digest: String,
+    #[serde(default, skip_serializing_if = "DigestOf::is_manifest")]
+    pub digest_of: DigestOf,
+}
+
+/// Which object of an image [`ContainerImage::digest`] identifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DigestOf {
+    /// The manifest (or index) the name points to (OCI archives): containerd keeps it as the
+    /// image's target, so it is what `ctr images ls` shows.
+    #[default]
+    Manifest,
+    /// The image configuration (docker archives): containerd writes a manifest of its own for
+    /// those on import, and only the configuration, which names every layer by its digest,
+    /// comes through unchanged.
+    Config,
+}
+
+impl DigestOf {
+    pub fn is_manifest(&self) -> bool {
+        *self == DigestOf::Manifest
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DigestOf::Manifest => "manifest",
+            DigestOf::Config => "config",
+        }
+    }
+}
+
+impl ContainerImage {
+    /// An image name the device can pass to `ctr` as one argument and that containerd
+    /// accepts: a reference (`host[:port]/path[:tag][@digest]`), never an option.
+    pub fn check_name(name: &str) -> std::result::Result<(), String> {
+        let ok = !name.is_empty()
+            && name.len() <= limits::MAX_NAME
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c));
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("invalid image name {name:?}"))
+        }
+    }
+
+    /// `sha256:` and 64 lowercase hex digits: the only digest containerd shows here.
+    pub fn check_digest(digest: &str) -> std::result::Result<(), String> {
+        let ok = digest.strip_prefix("sha256:").is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("invalid image digest {digest:?} (sha256:<64 hex>)"))
+        }
+    }
 }
 
 impl Payload {
@@ -410,6 +487,7 @@ impl Manifest {
             )));
         }
         let mut names = std::collections::BTreeSet::new();
+        let mut image_names = std::collections::BTreeSet::new();
         let mut next_offset = 0u64;
         for p in &self.payloads {
             check_name("payload name", &p.name)?;
@@ -459,6 +537,7 @@ impl Manifest {
             for d in &p.deltas {
                 check_delta(p, d, &mut next_offset)?;
             }
+            check_images(p, &mut image_names)?;
         }
         check_targets_distinct(&self.payloads)?;
         if next_offset != self.payload_len {
@@ -687,6 +766,34 @@ fn check_delta(p: &Payload, d: &Delta, next_offset: &mut u64) -> Result<()> {
     Ok(())
 }
 
+/// Image records: only on container-images payloads, within the limit, well-formed, and each
+/// name once in the whole bundle (two archives cannot both decide what a name points to).
+fn check_images<'a>(p: &'a Payload, seen: &mut std::collections::BTreeSet<&'a str>) -> Result<()> {
+    if p.images.is_empty() {
+        return Ok(());
+    }
+    let bad = |what: String| Error::Malformed(format!("payload {:?}: {what}", p.name));
+    if p.kind != PayloadKind::ContainerImages {
+        return Err(bad("only container-images payloads list images".into()));
+    }
+    if p.images.len() > limits::MAX_IMAGES {
+        return Err(Error::Limit(format!(
+            "payload {:?}: {} images (limit {})",
+            p.name,
+            p.images.len(),
+            limits::MAX_IMAGES
+        )));
+    }
+    for i in &p.images {
+        ContainerImage::check_name(&i.name).map_err(bad)?;
+        ContainerImage::check_digest(&i.digest).map_err(bad)?;
+        if !seen.insert(i.name.as_str()) {
+            return Err(bad(format!("image {:?} is listed twice", i.name)));
+        }
+    }
+    Ok(())
+}
+
 /// Two payloads of the same kind must not write the same place, nor one inside the other
 /// (`a` as a file and `a/b` beneath it): the second would silently replace or break the first.
 fn check_targets_distinct(payloads: &[Payload]) -> Result<()> {
@@ -826,6 +933,7 @@ mod tests {
                     hash: Digest([0; 32]),
                 }],
                 deltas: vec![],
+                images: vec![],
             }],
         }
     }
@@ -847,6 +955,7 @@ mod tests {
                 hash: Digest([0; 32]),
             }],
             deltas: vec![],
+            images: vec![],
         };
         m.payloads.push(file("a", "etc/x", 10));
         m.payloads.push(file("b", "etc/x", 11));

@@ -18,8 +18,8 @@ use ed25519_dalek::SigningKey;
 use super::delta::{self, DeltaParams};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{
-    limits, Chunk, Delta, Digest, Header, ImageId, Manifest, Payload, PayloadKind, FORMAT_V1,
-    FORMAT_VERSION,
+    limits, Chunk, ContainerImage, Delta, Digest, Header, ImageId, Manifest, Payload, PayloadKind,
+    FORMAT_V1, FORMAT_VERSION,
 };
 
 /// Content-defined chunking parameters of version 1 (bytes).
@@ -76,6 +76,12 @@ pub struct BundleSpec {
     pub threads: usize,
     pub deltas: Vec<DeltaInput>,
     pub delta_params: DeltaParams,
+    /// The images each container-images payload (by name) holds, recorded in the signed
+    /// manifest for the device to check after importing them. The writer records what it is
+    /// given: `edge-ota-image bundle create` reads them from the archive
+    /// ([`super::oci::archive_images`]); a test may give a record that disagrees with its
+    /// archive, to see the device refuse it.
+    pub container_images: std::collections::BTreeMap<String, Vec<ContainerImage>>,
 }
 
 impl BundleSpec {
@@ -101,6 +107,7 @@ impl BundleSpec {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             deltas: Vec::new(),
             delta_params: DeltaParams::default(),
+            container_images: Default::default(),
         }
     }
 }
@@ -135,6 +142,11 @@ pub fn create(
             chunk_payload_v2(input, spec, offset, &mut data_w)?
         };
         offset += written;
+        payload.images = spec
+            .container_images
+            .get(&input.name)
+            .cloned()
+            .unwrap_or_default();
         for d in spec.deltas.iter().filter(|d| d.payload == input.name) {
             if let Some((delta, bytes)) = build_delta(input, d, &payload, spec, offset)? {
                 data_w
@@ -233,6 +245,17 @@ fn check_spec(spec: &BundleSpec) -> Result<()> {
         }
         v => return bad(format!("cannot write format {v}")),
     }
+    for name in spec.container_images.keys() {
+        if !spec
+            .payloads
+            .iter()
+            .any(|p| &p.name == name && p.kind == PayloadKind::ContainerImages)
+        {
+            return bad(format!(
+                "image records for {name:?}, which is not a container-images payload"
+            ));
+        }
+    }
     for d in &spec.deltas {
         match spec.payloads.iter().find(|p| p.name == d.payload) {
             Some(p) if p.kind == PayloadKind::Image => {}
@@ -308,6 +331,7 @@ fn chunk_payload_v2(
             chunk_size: Some(spec.chunk_size),
             chunks,
             deltas: Vec::new(),
+            images: Vec::new(),
         },
         offset - start,
     ))
@@ -427,6 +451,7 @@ fn chunk_payload_v1(
             chunk_size: None,
             chunks,
             deltas: Vec::new(),
+            images: Vec::new(),
         },
         offset - start,
     ))
