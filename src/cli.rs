@@ -45,8 +45,12 @@ fn tries_arg() -> clap::builder::RangedI64ValueParser<u32> {
 pub enum Command {
     /// Verify a bundle and install it into the inactive slot, then boot it next.
     Apply {
-        /// Bundle: a path, an http:// or https:// URL, or - for standard input.
-        source: String,
+        /// Bundle: a path, an http:// or https:// URL, - for standard input, or `auto`
+        /// (removable media, then a LAN cache found by mDNS, then `[sources] upstream`).
+        source: Option<String>,
+        /// The same as SOURCE (`--source auto`).
+        #[arg(long = "source", value_name = "SOURCE", conflicts_with = "source")]
+        source_flag: Option<String>,
         /// Install into this slot (never the booted one).
         #[arg(long)]
         slot: Option<String>,
@@ -66,8 +70,11 @@ pub enum Command {
     /// device lacks) in the cache on the data partition; resumable; `apply` then uses it
     /// (`apply --offline` only it).
     Fetch {
-        /// Bundle: an http:// or https:// URL, or a path.
-        source: String,
+        /// Bundle: an http:// or https:// URL, a path, or `auto` (as for apply).
+        source: Option<String>,
+        /// The same as SOURCE (`--source auto`).
+        #[arg(long = "source", value_name = "SOURCE", conflicts_with = "source")]
+        source_flag: Option<String>,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -122,6 +129,100 @@ pub enum Command {
     /// Repair the boot environment and the state file from what can be proven (the booted
     /// slot, recorded slot images, the floor's two copies).
     Repair,
+    /// The updater as a service: takes a desired state (file, URL, removable media, API),
+    /// stages it, applies it in a maintenance window, reboots, reports. Without an action it
+    /// runs; with one it talks to the running agent.
+    Agent(crate::agent::cli::AgentArgs),
+    /// Serve bundles to the LAN (a base station): a directory over HTTP(S) with ranges, an
+    /// index, optionally a pull-through cache of an upstream URL, announced by mDNS.
+    /// Settings: `[serve]` (and `[trust]`, `[network]`) in the configuration, or these options.
+    Serve(ServeArgs),
+    /// List the base-station caches on the LAN (mDNS `_edge-ota._tcp`).
+    Discover {
+        /// How long to listen, in seconds.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+    },
+}
+
+/// Options of `serve` (each overrides `[serve]`).
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Directory of bundles to serve.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Address and port (default 0.0.0.0:8470).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Pull-through cache of this URL (a directory: the bundle's name is appended).
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Where the cache keeps what it fetched (default: DIR/.edge-ota-cache).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Most bytes the cache may hold.
+    #[arg(long, value_name = "BYTES")]
+    max_cache: Option<u64>,
+    /// HTTPS certificate chain (PEM), with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// HTTPS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Do not announce by mDNS.
+    #[arg(long)]
+    no_announce: bool,
+    /// Instance name to announce (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Announce only on this interface (repeatable).
+    #[arg(long = "announce-interface", value_name = "IFACE")]
+    announce_interfaces: Vec<String>,
+    /// Trusted public key (PEM) for what the cache fetches (repeatable; instead of `[trust]`).
+    #[arg(long = "trust-key", value_name = "PEM")]
+    trust_keys: Vec<PathBuf>,
+    /// How many of the trusted keys must have signed (with --trust-key).
+    #[arg(long, default_value_t = 1)]
+    threshold: usize,
+}
+
+impl ServeArgs {
+    fn run(self, config: &std::path::Path) -> Result<u8> {
+        let file = crate::serve::ServeFile::load(config)?;
+        let mut s = file.serve;
+        s.dir = self.dir.unwrap_or(s.dir);
+        s.listen = self.listen.unwrap_or(s.listen);
+        s.upstream = self.upstream.or(s.upstream);
+        s.cache_dir = self.cache_dir.or(s.cache_dir);
+        s.max_cache_bytes = self.max_cache.unwrap_or(s.max_cache_bytes);
+        if self.tls_cert.is_some() {
+            s.tls_cert = self.tls_cert;
+            s.tls_key = self.tls_key;
+        }
+        s.announce &= !self.no_announce;
+        s.instance = self.name.or(s.instance);
+        if !self.announce_interfaces.is_empty() {
+            s.announce_interfaces = self.announce_interfaces;
+        }
+        let trust = if self.trust_keys.is_empty() {
+            file.trust
+        } else {
+            Some(crate::config::TrustConfig {
+                keys: self.trust_keys,
+                threshold: self.threshold,
+            })
+        };
+        let trust = trust.as_ref().map(crate::serve::trusted_keys).transpose()?;
+        crate::serve::run_blocking(s, trust, file.network)?;
+        Ok(0)
+    }
+}
+
+/// SOURCE or `--source SOURCE`, one of them.
+fn one_source(positional: Option<String>, flag: Option<String>) -> Result<String> {
+    positional
+        .or(flag)
+        .ok_or_else(|| Error::Usage("give a SOURCE (a path, a URL, -) or --source auto".into()))
 }
 
 /// Network and progress options of the commands that fetch.
@@ -147,6 +248,7 @@ impl NetArgs {
         install::Limits {
             max_download: self.max_download.or(cfg.max_download),
             offline: self.offline,
+            ..Default::default()
         }
     }
 
@@ -207,29 +309,55 @@ pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Apply {
             source,
+            source_flag,
             slot,
             tries,
             no_reboot,
             quiet,
             net,
         } => {
+            let source = one_source(source, source_flag)?;
             let cfg = load()?;
             let _lock = lock(&cfg, "apply")?;
             let mut bl = bootloader::open(&cfg)?;
-            let src = if net.offline {
-                match install::BundleSource::staged(&cfg, &source) {
-                    Ok(s) => s,
-                    // A local file needs no staging.
-                    Err(_) if std::path::Path::new(&source).is_file() => net.open(&cfg, &source)?,
-                    Err(e) => return Err(e),
-                }
-            } else {
-                net.open(&cfg, &source)?
-            };
             let opts = ApplyOptions { slot, tries };
             let progress = net.progress(quiet, json);
-            let report =
-                install::apply(&cfg, bl.as_mut(), src, &opts, &net.limits(&cfg), &progress)?;
+            let report = if source == "auto" {
+                use crate::source::auto::{self, Outcome};
+                let limits = net.limits(&cfg);
+                match auto::apply(
+                    &cfg,
+                    bl.as_mut(),
+                    &opts,
+                    &limits,
+                    &net.http(&cfg),
+                    &progress,
+                )? {
+                    Outcome::Done(_, report) => report,
+                    Outcome::UpToDate(detail) => {
+                        print(
+                            json,
+                            &serde_json::json!({"installed": false, "detail": detail}),
+                            || format!("nothing newer to install: {detail}\n"),
+                        );
+                        return Ok(0);
+                    }
+                }
+            } else {
+                let src = if net.offline {
+                    match install::BundleSource::staged(&cfg, &source) {
+                        Ok(s) => s,
+                        // A local file needs no staging.
+                        Err(_) if std::path::Path::new(&source).is_file() => {
+                            net.open(&cfg, &source)?
+                        }
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    net.open(&cfg, &source)?
+                };
+                install::apply(&cfg, bl.as_mut(), src, &opts, &net.limits(&cfg), &progress)?
+            };
             if progress.is_jsonl() {
                 progress.event(crate::progress::Event::Phase {
                     phase: "done".into(),
@@ -253,13 +381,34 @@ pub fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Fetch { source, net } => {
+        Command::Fetch {
+            source,
+            source_flag,
+            net,
+        } => {
+            let source = one_source(source, source_flag)?;
             let cfg = load()?;
             let _lock = lock(&cfg, "fetch")?;
             let bl = bootloader::open(&cfg)?;
-            let src = net.open(&cfg, &source)?;
             let progress = net.progress(false, json);
-            let r = install::fetch(&cfg, bl.as_ref(), src, &net.limits(&cfg), &progress)?;
+            let r = if source == "auto" {
+                use crate::source::auto::{self, Outcome};
+                let limits = net.limits(&cfg);
+                match auto::fetch(&cfg, bl.as_ref(), &limits, &net.http(&cfg), &progress)? {
+                    Outcome::Done(_, r) => r,
+                    Outcome::UpToDate(detail) => {
+                        print(
+                            json,
+                            &serde_json::json!({"staged": false, "detail": detail}),
+                            || format!("nothing newer to stage: {detail}\n"),
+                        );
+                        return Ok(0);
+                    }
+                }
+            } else {
+                let src = net.open(&cfg, &source)?;
+                install::fetch(&cfg, bl.as_ref(), src, &net.limits(&cfg), &progress)?
+            };
             print(json, &r, || {
                 format!(
                     "staged {} in {}: {} bytes fetched now, {} staged, all checked\n",
@@ -430,6 +579,46 @@ pub fn run(cli: Cli) -> Result<u8> {
             });
             Ok(0)
         }
+        Command::Serve(args) => args.run(&config_path),
+        Command::Discover { timeout } => {
+            let timeout = Duration::try_from_secs_f64(timeout)
+                .ok()
+                .filter(|t| !t.is_zero() && *t <= Duration::from_secs(600))
+                .ok_or_else(|| Error::Usage("--timeout: 0 < SECS <= 600".into()))?;
+            let caches = crate::discover::discover(timeout)?;
+            print(json, &serde_json::json!({"caches": caches}), || {
+                if caches.is_empty() {
+                    return format!("no cache answered within {:.1} s\n", timeout.as_secs_f64());
+                }
+                caches
+                    .iter()
+                    .map(|c| {
+                        let held: Vec<String> = c
+                            .bundles
+                            .iter()
+                            .map(|(comp, v)| format!("{comp} {v}"))
+                            .collect();
+                        format!(
+                            "{}\t{}\t{}{}\n",
+                            c.instance,
+                            c.base_url().unwrap_or_else(|| "(no usable address)".into()),
+                            if held.is_empty() {
+                                "no bundles".to_string()
+                            } else {
+                                held.join(", ")
+                            },
+                            if c.upstream {
+                                "; pull-through cache"
+                            } else {
+                                ""
+                            }
+                        )
+                    })
+                    .collect()
+            });
+            Ok(0)
+        }
+        Command::Agent(args) => crate::agent::cli::run(&config_path, json, args),
         Command::Repair => {
             let cfg = load()?;
             let _lock = lock(&cfg, "repair")?;

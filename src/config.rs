@@ -50,6 +50,155 @@ pub struct Config {
     /// Where `fetch` stages bundles (default: `<state_dir>/cache`, on the data partition).
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// Where `--source auto` looks, in which order: media, LAN caches, the upstream.
+    #[serde(default)]
+    pub sources: crate::source::auto::SourcesConfig,
+    /// `edge-ota serve` on this device (a base station).
+    #[serde(default)]
+    pub serve: Option<crate::serve::ServeConfig>,
+    /// containerd, into which the agent loads a slot's container images (`[containerd]`);
+    /// absent: a bundle carrying container images is not loaded anywhere, and the agent
+    /// refuses it.
+    #[serde(default)]
+    pub containerd: Option<ContainerdConfig>,
+    /// `edge-ota agent`: desired-state providers, policy, local API, metrics, reboots.
+    #[serde(default)]
+    pub agent: Option<AgentConfig>,
+}
+
+/// containerd (`[containerd]`): reached with its own `ctr` client, so what is imported is
+/// exactly what containerd's own tooling does and shows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerdConfig {
+    #[serde(default = "default_ctr")]
+    pub ctr: PathBuf,
+    /// containerd's API socket.
+    #[serde(default = "default_containerd_address")]
+    pub address: PathBuf,
+    /// The namespace kubelet's CRI plugin uses.
+    #[serde(default = "default_containerd_namespace")]
+    pub namespace: String,
+    /// An import making no progress for this long fails (idle, not total: a large archive on
+    /// a slow disk may take minutes).
+    #[serde(default = "default_containerd_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_ctr() -> PathBuf {
+    PathBuf::from("/usr/bin/ctr")
+}
+fn default_containerd_address() -> PathBuf {
+    PathBuf::from("/run/containerd/containerd.sock")
+}
+fn default_containerd_namespace() -> String {
+    "k8s.io".into()
+}
+fn default_containerd_timeout() -> u64 {
+    600
+}
+
+/// The agent (`[agent]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The local API: HTTP on this Unix socket, mode 0600 (root only) unless `socket_mode`.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: u32,
+    /// Prometheus `/metrics` on this TCP address (e.g. `127.0.0.1:9100`); off when absent.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// Desired-state provider: a local file (YAML or JSON), watched; a GitOps tool or a
+    /// person writes it.
+    #[serde(default)]
+    pub desired_file: Option<PathBuf>,
+    /// Desired-state provider: an http(s) URL, polled every `poll_secs` with `ETag`.
+    #[serde(default)]
+    pub desired_url: Option<String>,
+    #[serde(default = "default_poll")]
+    pub poll_secs: u64,
+    /// A desired state that failed this many times is given up (until it changes).
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// First pause after a failure; doubled after each, up to `retry_max_secs`.
+    #[serde(default = "default_retry")]
+    pub retry_secs: u64,
+    #[serde(default = "default_retry_max")]
+    pub retry_max_secs: u64,
+    /// Changes on every boot: tells "the reboot has not happened yet" from "we rebooted".
+    #[serde(default = "default_boot_id")]
+    pub boot_id: PathBuf,
+    /// Desired states may add health probes of kinds http, tcp and file; `command` probes
+    /// run as root, and the desired state is not signed, so they need this.
+    #[serde(default)]
+    pub allow_command_probes: bool,
+    /// Maintenance windows for desired states that name none (and for removable media).
+    #[serde(default, rename = "window")]
+    pub windows: Vec<crate::schedule::WindowSpec>,
+    #[serde(default)]
+    pub reboot: RebootConfig,
+    #[serde(default)]
+    pub media: MediaConfig,
+}
+
+/// How the agent reboots into a new slot (`[agent.reboot]`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RebootConfig {
+    /// Commands (argv, no shell) run in order first, e.g. stopping kubelet and containerd;
+    /// a failing one is logged and the reboot goes on.
+    #[serde(default)]
+    pub before: Vec<Vec<String>>,
+    /// The reboot itself (e.g. `["systemctl", "reboot"]`); default: sync and reboot(2).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Limit for each `before` command, seconds (default 120).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// What a plugged-in stick carrying a bundle for this device does (`[agent.media]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaConfig {
+    #[serde(default)]
+    pub mode: MediaMode,
+    /// Where sticks are mounted (read-only, nosuid, nodev, noexec).
+    #[serde(default = "default_media_dir")]
+    pub mount_dir: PathBuf,
+    /// Device nodes (`/dev`).
+    #[serde(default = "default_dev")]
+    pub dev: PathBuf,
+    /// Seconds between looks for new block devices.
+    #[serde(default = "default_media_poll")]
+    pub poll_secs: u64,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            mode: MediaMode::Off,
+            mount_dir: default_media_dir(),
+            dev: default_dev(),
+            poll_secs: default_media_poll(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MediaMode {
+    /// Sticks are ignored.
+    #[default]
+    Off,
+    /// Stage the bundle; apply only when asked (API or a desired state).
+    Stage,
+    /// Stage, then apply in the next maintenance window.
+    Window,
+    /// Stage and apply at once.
+    Now,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -290,6 +439,36 @@ fn one() -> usize {
 fn default_entry_prefix() -> String {
     "edge".into()
 }
+fn default_socket() -> PathBuf {
+    "/run/edge-ota/agent.sock".into()
+}
+fn default_socket_mode() -> u32 {
+    0o600
+}
+fn default_poll() -> u64 {
+    300
+}
+fn default_max_failures() -> u32 {
+    5
+}
+fn default_retry() -> u64 {
+    60
+}
+fn default_retry_max() -> u64 {
+    3600
+}
+fn default_boot_id() -> PathBuf {
+    "/proc/sys/kernel/random/boot_id".into()
+}
+fn default_media_dir() -> PathBuf {
+    "/run/edge-ota/media".into()
+}
+fn default_dev() -> PathBuf {
+    "/dev".into()
+}
+fn default_media_poll() -> u64 {
+    2
+}
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
@@ -369,6 +548,13 @@ impl Config {
         c.network
             .validate()
             .map_err(|e| err(format!("[network]: {e}")))?;
+        c.sources.validate().map_err(err)?;
+        if let Some(s) = &c.serve {
+            s.validate().map_err(|e| err(format!("[serve]: {e}")))?;
+        }
+        if let Some(a) = &c.agent {
+            check_agent(a).map_err(|e| err(format!("[agent]: {e}")))?;
+        }
         Ok(c)
     }
 
@@ -441,6 +627,53 @@ fn normalize(p: &Path) -> PathBuf {
     p.components()
         .filter(|c| !matches!(c, std::path::Component::CurDir))
         .collect()
+}
+
+fn check_agent(a: &AgentConfig) -> std::result::Result<(), String> {
+    let within = |name: &str, v: u64, r: std::ops::RangeInclusive<u64>| {
+        if r.contains(&v) {
+            Ok(())
+        } else {
+            Err(format!("{name} {v} must be {}..={}", r.start(), r.end()))
+        }
+    };
+    within("poll_secs", a.poll_secs, 1..=86_400)?;
+    within("retry_secs", a.retry_secs, 1..=86_400)?;
+    within(
+        "retry_max_secs",
+        a.retry_max_secs,
+        a.retry_secs..=7 * 86_400,
+    )?;
+    within("max_failures", u64::from(a.max_failures), 1..=1000)?;
+    within("media.poll_secs", a.media.poll_secs, 1..=3_600)?;
+    if let Some(t) = a.reboot.timeout_secs {
+        within("reboot.timeout_secs", t, 1..=3_600)?;
+    }
+    if a.socket_mode & !0o777 != 0 {
+        return Err(format!(
+            "socket_mode {:o} is not a permission mode",
+            a.socket_mode
+        ));
+    }
+    for c in a.reboot.before.iter().chain(a.reboot.command.iter()) {
+        if c.is_empty() {
+            return Err("an empty command in [agent.reboot]".into());
+        }
+    }
+    if let Some(u) = &a.desired_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            return Err(format!("desired_url {u:?} is not an http(s) URL"));
+        }
+    }
+    if let Some(m) = &a.metrics {
+        m.parse::<std::net::SocketAddr>()
+            .map_err(|e| format!("metrics address {m:?}: {e}"))?;
+    }
+    crate::schedule::Windows::compile(&a.windows)?;
+    if a.media.mode == MediaMode::Window && a.windows.is_empty() {
+        return Err("media.mode = \"window\" needs at least one [[agent.window]]".into());
+    }
+    Ok(())
 }
 
 fn check_health(h: &HealthConfig) -> std::result::Result<(), String> {

@@ -91,6 +91,16 @@ pub enum Error {
     /// `--offline` and something would have to come from the network.
     #[error("offline: {0}")]
     Offline(String),
+    /// Stopped on request (the agent was paused or its desired state changed); what was
+    /// done so far is kept and the next run continues from it.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
+    /// The source holds a valid bundle, but not the one asked for (another version or id).
+    #[error("not the bundle asked for: {0}")]
+    NotDesired(String),
+    /// Container images could not be loaded into containerd, or are not what was signed.
+    #[error("container images: {0}")]
+    Images(String),
 }
 
 impl Error {
@@ -131,6 +141,9 @@ impl Error {
             Error::SourceChanged { .. } => 26,
             Error::DataBudget { .. } => 27,
             Error::Offline(_) => 28,
+            Error::Interrupted(_) => 29,
+            Error::NotDesired(_) => 30,
+            Error::Images(_) => 31,
         }
     }
 }

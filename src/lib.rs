@@ -8,11 +8,14 @@
 //! known-good rule, the floor, status), [`repair`], [`stage`] (pre-staged downloads), [`lock`] (one operation at a time),
 //! [`state`] (persistent, atomic via [`fsutil`]), [`config`], [`error`] (exit codes), [`cli`].
 
+pub mod agent;
 pub mod bootloader;
 pub mod bundle;
 pub mod cli;
 pub mod config;
+pub mod containerd;
 pub mod control;
+pub mod discover;
 pub mod error;
 pub mod failpoint;
 pub mod fsutil;
@@ -20,8 +23,11 @@ pub mod health;
 pub mod install;
 pub mod lock;
 pub mod memory;
+pub mod process;
 pub mod progress;
 pub mod repair;
+pub mod schedule;
+pub mod serve;
 pub mod slot;
 pub mod source;
 pub mod stage;

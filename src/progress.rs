@@ -65,19 +65,31 @@ pub struct Bytes {
     pub eta_secs: Option<u64>,
 }
 
+/// One JSON Lines record: `{"version":1,"time":…,"event":"bytes",…}`.
 #[derive(Serialize)]
-struct Line<'a> {
-    version: u32,
+pub struct Line<'a> {
+    pub version: u32,
     /// Unix seconds.
-    time: u64,
+    pub time: u64,
     #[serde(flatten)]
-    event: &'a Event,
+    pub event: &'a Event,
 }
+
+impl Line<'_> {
+    /// The record as one line of JSON (no newline).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("serializable")
+    }
+}
+
+/// Receives every event with its time (the agent forwards them to its API and metrics).
+pub type Sink = std::sync::Arc<dyn Fn(u64, &Event) + Send + Sync>;
 
 enum Mode {
     Bar(ProgressBar),
     Jsonl,
     Quiet,
+    Sink(Sink),
 }
 
 /// Where events go.
@@ -136,6 +148,15 @@ impl Progress {
         Self::new(ProgressMode::None)
     }
 
+    /// Every event goes to `sink`.
+    pub fn sink(sink: Sink) -> Self {
+        Progress {
+            mode: Mode::Sink(sink),
+            started: Instant::now(),
+            last_bytes: Mutex::new(None),
+        }
+    }
+
     pub fn is_jsonl(&self) -> bool {
         matches!(self.mode, Mode::Jsonl)
     }
@@ -150,14 +171,16 @@ impl Progress {
             }
             *last = Some(Instant::now());
         }
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         match &self.mode {
             Mode::Quiet => {}
+            Mode::Sink(f) => f(time, &e),
             Mode::Jsonl => {
                 let line = Line {
                     version: EVENTS_VERSION,
-                    time: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
+                    time,
                     event: &e,
                 };
                 let mut out = std::io::stdout().lock();

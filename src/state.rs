@@ -153,6 +153,9 @@ pub struct State {
     pub slots: BTreeMap<String, SlotRecord>,
     #[serde(default)]
     pub rollbacks: Vec<RollbackEvent>,
+    /// Rollbacks ever recorded (the list above keeps only the last few): a counter for metrics.
+    #[serde(default)]
+    pub rollbacks_total: u64,
     /// The last boot the health check judged: (slot, healthy, unix time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_health: Option<HealthRecord>,
@@ -178,6 +181,7 @@ impl Default for State {
             min_security_version: 0,
             slots: BTreeMap::new(),
             rollbacks: Vec::new(),
+            rollbacks_total: 0,
             last_health: None,
             newest_seen: 0,
         }
@@ -194,6 +198,8 @@ impl State {
     }
 
     pub fn record_rollback(&mut self, ev: RollbackEvent) {
+        // States written before the counter existed: count at least the events kept.
+        self.rollbacks_total = self.rollbacks_total.max(self.rollbacks.len() as u64) + 1;
         self.rollbacks.push(ev);
         let excess = self.rollbacks.len().saturating_sub(MAX_EVENTS);
         self.rollbacks.drain(..excess);
@@ -284,5 +290,6 @@ mod tests {
         }
         assert_eq!(st.rollbacks.len(), MAX_EVENTS);
         assert_eq!(st.rollbacks.last().unwrap().at, 99);
+        assert_eq!(st.rollbacks_total, 100);
     }
 }

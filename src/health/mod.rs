@@ -116,7 +116,7 @@ fn judge(
                 "slot {booted} is marked bad and was booted anyway (the bootloader's last resort); not confirming it"
             ),
         )),
-        SlotBootState::Trying { .. } => match check(&cfg.health) {
+        SlotBootState::Trying { .. } => match check(&with_extra(cfg, state, booted)) {
             Ok(()) => {
                 control::confirm(bl, state, booted)?;
                 Ok(Verdict::Confirmed {
@@ -142,6 +142,51 @@ fn judge(
             }
         },
     }
+}
+
+/// Health settings an update adds for the first boot of its slot, left by the agent in
+/// `<state_dir>/health-extra.json`.
+pub const EXTRA_FILE: &str = "health-extra.json";
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Extra {
+    /// The slot and bundle they are for: anything else is ignored.
+    pub slot: String,
+    pub bundle_id: Option<String>,
+    /// A longer deadline (never a shorter one).
+    pub deadline_secs: Option<u64>,
+    /// More probes, same fields as `[[health.probe]]`.
+    pub probes: Vec<serde_json::Value>,
+}
+
+/// The configured health settings plus the extra ones meant for this slot's bundle. Extras
+/// only add: the configured probes always run.
+fn with_extra(cfg: &crate::config::Config, state: &State, booted: &str) -> HealthConfig {
+    let mut hc = cfg.health.clone();
+    let path = cfg.state_dir.join(EXTRA_FILE);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return hc;
+    };
+    let extra: Extra = match serde_json::from_slice(&bytes) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("edge-ota health: ignoring {}: {e}", path.display());
+            return hc;
+        }
+    };
+    if extra.slot != booted || extra.bundle_id != state.slot(booted).bundle_id {
+        return hc;
+    }
+    if let Some(d) = extra.deadline_secs {
+        hc.deadline_secs = hc.deadline_secs.max(d);
+    }
+    for v in extra.probes {
+        match serde_json::from_value::<crate::config::ProbeConfig>(v) {
+            Ok(p) => hc.probes.push(p),
+            Err(e) => eprintln!("edge-ota health: ignoring an extra probe: {e}"),
+        }
+    }
+    hc
 }
 
 /// The bootloader fell back when the slot first in its order is not the one that booted, is

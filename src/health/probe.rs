@@ -3,8 +3,7 @@
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use crate::config::{Check, ProbeConfig};
 
@@ -32,28 +31,7 @@ impl ProbeConfig {
 }
 
 fn run_command(argv: &[String], timeout: Duration) -> Result<(), String> {
-    let (prog, args) = argv.split_first().ok_or("empty command")?;
-    let mut child = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting {prog}: {e}"))?;
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => return Err(format!("{prog} exited with {status}")),
-            Ok(None) if start.elapsed() >= timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{prog} timed out after {}s", timeout.as_secs()));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("waiting for {prog}: {e}")),
-        }
-    }
+    crate::process::run(argv, timeout, false).map(|_| ())
 }
 
 fn http_get(url: &str, ca_file: Option<&PathBuf>, timeout: Duration) -> Result<(), String> {
@@ -108,6 +86,7 @@ fn one_line(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn probe(check: Check, timeout_secs: u64) -> ProbeConfig {
         ProbeConfig {

@@ -121,6 +121,17 @@ impl Staging {
         Ok(File::from(fd))
     }
 
+    /// Create `rel` with `bytes`, synced (a small file the updater itself derives, such as
+    /// the container image index).
+    pub fn write_file(&mut self, rel: &Path, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let mut f = self.create(rel)?;
+        let path = self.staging.join(rel);
+        f.write_all(bytes)
+            .ctx(|| format!("writing {}", path.display()))?;
+        f.sync_all().ctx(|| format!("syncing {}", path.display()))
+    }
+
     /// Read `rel` back and compare it with the signed size and hash.
     pub fn verify(&self, payload: &str, rel: &Path, size: u64, blake3: &Digest) -> Result<()> {
         let shown = self.staging.join(rel);

@@ -366,6 +366,39 @@ pub struct Limits {
     pub max_download: Option<u64>,
     /// Nothing may come from the source: every chunk is local or staged.
     pub offline: bool,
+    /// Set by another thread to stop a fetch at the next block it receives.
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The bundle must be this one (the agent's desired state), checked right after the
+    /// signatures, before anything is fetched or written.
+    pub expect: Expected,
+}
+
+/// Which bundle a caller wants; empty: any valid one.
+#[derive(Debug, Clone, Default)]
+pub struct Expected {
+    pub version: Option<semver::Version>,
+    pub bundle_id: Option<String>,
+}
+
+impl Expected {
+    fn check(&self, m: &Manifest, bundle_id: &str, source: &str) -> Result<()> {
+        if let Some(v) = &self.version {
+            if &m.version != v {
+                return Err(Error::NotDesired(format!(
+                    "{source} holds version {}, {v} is wanted",
+                    m.version
+                )));
+            }
+        }
+        if let Some(id) = &self.bundle_id {
+            if !id.eq_ignore_ascii_case(bundle_id) {
+                return Err(Error::NotDesired(format!(
+                    "{source} holds bundle {bundle_id}, {id} is wanted"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Install a bundle into the inactive slot. On any error nothing the bootloader would boot
@@ -384,6 +417,9 @@ pub fn apply(
     let floor = Floor::read(&state, bl).effective;
     progress.phase("verifying", src.name());
     let (head, verified) = verify_head(cfg, &mut src, &state, floor)?;
+    limits
+        .expect
+        .check(&verified.manifest, &verified.id.to_hex(), &src.name())?;
     let m = Arc::new(verified.manifest.clone());
     let plan = prepare(cfg, bl, &state, &m, opts)?;
     let dev = plan.device.clone();
@@ -557,7 +593,28 @@ pub fn apply(
                 .verify(&p.name, rel, p.size, &p.blake3)?,
         }
     }
-    if let Some(st) = staging {
+    if let Some(mut st) = staging {
+        // Which archive holds which signed images: the agent loads and checks them later.
+        let archives: Vec<crate::containerd::Archive> = m
+            .payloads
+            .iter()
+            .zip(&plan.destinations)
+            .filter_map(|(p, d)| match d {
+                Destination::File(rel) if p.kind == PayloadKind::ContainerImages => {
+                    Some(crate::containerd::Archive {
+                        path: rel.to_string_lossy().into_owned(),
+                        images: p.images.clone(),
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        if !archives.is_empty() {
+            st.write_file(
+                std::path::Path::new(crate::containerd::INDEX_FILE),
+                &crate::containerd::index_json(&archives)?,
+            )?;
+        }
         st.commit()?;
     }
     progress.finish();
@@ -724,6 +781,9 @@ pub fn fetch(
     let floor = Floor::read(&state, bl).effective;
     progress.phase("verifying", src.name());
     let (head, verified) = verify_head(cfg, &mut src, &state, floor)?;
+    limits
+        .expect
+        .check(&verified.manifest, &verified.id.to_hex(), &src.name())?;
     let m = Arc::new(verified.manifest.clone());
     let plan = prepare(cfg, bl, &state, &m, &ApplyOptions::default())?;
     let bundle_id = verified.id.to_hex();
@@ -804,6 +864,16 @@ pub fn fetch(
     progress.phase("staging", format!("{} into {}", m.version, cache.display()));
     let fetched = std::cell::Cell::new(0u64);
     let r = remote.fetch(&missing, &mut |off, bytes| {
+        if limits
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(Error::Interrupted(format!(
+                "staging {} stopped on request",
+                m.version
+            )));
+        }
         staging.append(off, bytes)?;
         fetched.set(fetched.get() + bytes.len() as u64);
         progress.bytes(crate::progress::Bytes {

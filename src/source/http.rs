@@ -1449,7 +1449,9 @@ fn io_reason(e: &io::Error, at: u64) -> String {
     format!("{} at byte {at}", error_chain(e))
 }
 
-fn build_client(opts: &HttpOptions) -> Result<Client> {
+/// A client with the configured TLS trust, client certificate and connect/idle timeouts (no
+/// total-request timeout), for other requests to the same servers (the agent's desired state).
+pub fn build_client(opts: &HttpOptions) -> Result<Client> {
     let mut b = Client::builder()
         .user_agent(USER_AGENT)
         .connect_timeout(opts.connect_timeout)
