@@ -44,6 +44,17 @@ use crate::source::RangeSource;
 /// A failed upstream fetch is not tried again for this long (a LAN client asking for a name
 /// in a loop must not turn into a loop over the expensive link).
 const FAILURE_MEMORY: Duration = Duration::from_secs(30);
+/// A bundle the cache had no room for is asked for again sooner: room comes back as soon as
+/// the responses holding the other bundles end.
+const NO_SPACE_MEMORY: Duration = Duration::from_secs(2);
+
+fn failure_memory(f: &Failure) -> Duration {
+    match f {
+        Failure::NoSpace(_) => NO_SPACE_MEMORY,
+        _ => FAILURE_MEMORY,
+    }
+}
+
 /// Failed names remembered at most.
 const MAX_FAILURES: usize = 1024;
 
@@ -525,7 +536,7 @@ impl Cache {
                 return Ok(self.reader(c));
             } else {
                 if let Some((t, f)) = inner.failures.get(name) {
-                    if t.elapsed() < FAILURE_MEMORY {
+                    if t.elapsed() < failure_memory(f) {
                         return Err(f.clone());
                     }
                 }
@@ -657,6 +668,9 @@ impl Cache {
                     c
                 }
             };
+            // Room first, while the answer can still be `507`: once the head is served as
+            // `200`, a cache that cannot hold the frames could only cut the response short.
+            self.check_room(&c)?;
             self.write_meta(&c, name, false);
             c.downloading.store(true, Ordering::Release);
             dl.state.send_replace(DlState::Ready(c.clone()));
@@ -726,7 +740,7 @@ impl Cache {
                     inner.frames.insert(
                         c.segs[*i].key.clone(),
                         FrameState::Arriving {
-                            avail: Arc::new(AtomicU64::new(*have)),
+                            avail: Arc::new(AtomicU64::new(readable(*have, c.segs[*i].len))),
                         },
                     );
                 }
@@ -758,6 +772,28 @@ impl Cache {
         Err(Failure::Upstream(
             "frames still missing after three rounds".into(),
         ))
+    }
+
+    /// Make room now for the frames of `c` the store lacks (evicting as [`Self::make_room`]
+    /// does); a bundle larger than the whole cache evicts nothing.
+    fn check_room(&self, c: &Cached) -> std::result::Result<(), Failure> {
+        let mut inner = self.lock();
+        let mut seen = HashSet::new();
+        let need: u64 = c
+            .segs
+            .iter()
+            .filter(|s| !inner.frames.contains_key(&s.key) && seen.insert(&s.key))
+            .map(|s| s.len)
+            .sum();
+        if need + c.head_len > self.opts.max_bytes {
+            return Err(Failure::NoSpace(format!(
+                "bundle {} needs {} bytes, the cache holds at most {}",
+                c.id,
+                need + c.head_len,
+                self.opts.max_bytes
+            )));
+        }
+        self.make_room(&mut inner, need, c)
     }
 
     fn any_arriving(&self, c: &Cached) -> bool {
@@ -981,6 +1017,14 @@ fn read_head(src: &mut HttpSource) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Bytes of a frame still arriving that responses may read, when `have` of its `len` are in
+/// its part file: all but the last until the frame checks out. A response streaming a frame
+/// as it arrives then never ends before the check: a frame that does not check out cuts the
+/// response short (the client sees a truncated body), it is never served whole.
+fn readable(have: u64, len: u64) -> u64 {
+    have.min(len.saturating_sub(1))
+}
+
 fn parse_chunk_name(name: &str) -> Option<FrameKey> {
     let mut it = name.split('-');
     let (h, c, l) = (it.next()?, it.next()?, it.next()?);
@@ -1126,7 +1170,7 @@ impl<'a> Writer<'a> {
                 .map_err(|e| Failure::NoSpace(format!("writing the cache: {e}")))?;
             let now = at + n as u64;
             if let Some(FrameState::Arriving { avail }) = self.cache.lock().frames.get(&seg.key) {
-                avail.store(now, Ordering::Release);
+                avail.store(readable(now, seg.len), Ordering::Release);
             }
             self.c.bump();
             if now == seg.len {
