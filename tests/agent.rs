@@ -255,3 +255,23 @@ fn malformed_desired_file_is_reported_and_nothing_starts() {
     });
     assert_eq!(phase(&dev), "idle");
 }
+
+#[test]
+fn manual_apply_while_the_agent_runs_is_refused_until_it_is_paused() {
+    let (dev, _port) = agent_device();
+    let image = image_bytes(1 << 20, 23);
+    let b = v2_bundle(&dev, &image);
+    let _agent = start_agent(&dev);
+    wait_for("the API", Duration::from_secs(30), || {
+        status(&dev).is_some()
+    });
+    let before = dev.snapshot();
+    let o = dev.run(&["apply", "--no-reboot", b.to_str().unwrap()]);
+    assert_refused(&o, 23, "the agent is running (phase idle) and owns updates");
+    assert_eq!(dev.snapshot(), before);
+    let o = dev.run(&["agent", "pause"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = dev.run(&["apply", "--no-reboot", "-q", b.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(dev.boot_state("B"), SlotBootState::Trying { tries_left: 3 });
+}
