@@ -298,6 +298,28 @@ fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) {
     }
 }
 
+/// A person at the console and the agent never fight over the slots: while the agent runs
+/// (and is not paused) it owns updates, and a manual `apply` or `fetch` is refused with what
+/// to do instead.
+fn agent_allows_manual_update(cfg: &Config) -> Result<()> {
+    let Some(agent) = &cfg.agent else {
+        return Ok(());
+    };
+    let client = crate::agent::api::Client::new(&agent.socket);
+    if !client.is_running() {
+        return Ok(());
+    }
+    let (_, body) = client.request(hyper::Method::GET, "/v1/status", Vec::new())?;
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if v["agent"]["paused"].as_bool() == Some(true) {
+        return Ok(());
+    }
+    Err(Error::Busy(format!(
+        "the agent is running (phase {}) and owns updates: give it a desired state with          `edge-ota agent set FILE`, or `edge-ota agent pause` first",
+        v["agent"]["phase"].as_str().unwrap_or("unknown")
+    )))
+}
+
 /// Run a command; returns the exit code for success paths that are not 0.
 pub fn run(cli: Cli) -> Result<u8> {
     let json = cli.json;
@@ -318,6 +340,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         } => {
             let source = one_source(source, source_flag)?;
             let cfg = load()?;
+            agent_allows_manual_update(&cfg)?;
             let _lock = lock(&cfg, "apply")?;
             let mut bl = bootloader::open(&cfg)?;
             let opts = ApplyOptions { slot, tries };
@@ -388,6 +411,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         } => {
             let source = one_source(source, source_flag)?;
             let cfg = load()?;
+            agent_allows_manual_update(&cfg)?;
             let _lock = lock(&cfg, "fetch")?;
             let bl = bootloader::open(&cfg)?;
             let progress = net.progress(false, json);

@@ -429,8 +429,10 @@ pub struct DeltaFrame {
 }
 
 impl DeltaFrame {
+    /// Saturating: lengths in a hostile manifest may sum past `u64::MAX` (found by the
+    /// `manifest` fuzz target); a saturated sum is over every limit.
     pub fn prefix_len(&self) -> u64 {
-        self.prefix.iter().map(|r| r[1]).sum()
+        self.prefix.iter().fold(0u64, |a, r| a.saturating_add(r[1]))
     }
 }
 
@@ -833,10 +835,9 @@ fn check_name(what: &str, s: &str) -> Result<()> {
 
 /// File payload targets are relative paths inside a slot directory: no escaping it.
 fn check_relative_path(s: &str) -> Result<()> {
-    let p = std::path::Path::new(s);
-    let ok = !s.contains('\0')
-        && p.components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    // Checked on the string, not through `Path::components`, which drops `.` and empty
+    // components: `etc/./x` and `etc//x` would pass as plain and alias `etc/x`.
+    let ok = !s.contains('\0') && s.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
     if !ok {
         return Err(Error::Malformed(format!(
             "payload target {s:?} is not a plain relative path"
@@ -1020,9 +1021,44 @@ mod tests {
 
     #[test]
     fn target_path_escape_is_refused() {
-        for bad in ["../etc/passwd", "/etc/passwd", "a/../../b", "./x"] {
+        for bad in ["../etc/passwd", "/etc/passwd", "a/../../b", "./x", "", "x/"] {
             assert!(check_relative_path(bad).is_err(), "{bad}");
         }
         assert!(check_relative_path("boot/vmlinuz").is_ok());
+    }
+
+    /// Every manifest the fuzzers found a bug with (`fuzz/regressions/*-json`) is refused,
+    /// without a panic or an overflow.
+    #[test]
+    fn fuzz_regression_manifests_are_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            if !path.to_string_lossy().ends_with("-json") {
+                continue;
+            }
+            // The fuzz target's input: a mode byte, then the JSON.
+            let bytes = std::fs::read(&path).unwrap();
+            let m: Manifest = serde_json::from_slice(&bytes[1..]).unwrap();
+            let header = Header {
+                version: m.format,
+                manifest_len: 1,
+                signatures_len: 0,
+                payload_len: m.payload_len,
+            };
+            assert!(m.validate(&header).is_err(), "{}", path.display());
+            n += 1;
+        }
+        assert!(n >= 3, "only {n} regression manifests in {}", dir.display());
+    }
+
+    /// Found by the `manifest` fuzz target (fuzz/regressions/manifest-target-alias-*): two
+    /// payloads writing the same file through differently spelled paths.
+    #[test]
+    fn target_aliasing_another_through_dot_or_double_slash_is_refused() {
+        for alias in ["etc/./x", "etc//x", "etc/x/."] {
+            assert!(check_relative_path(alias).is_err(), "{alias}");
+        }
     }
 }

@@ -710,6 +710,29 @@ mod tests {
     }
 
     #[test]
+    fn unchanged_document_from_one_provider_never_replaces_a_newer_one_from_another() {
+        let rig = Rig::new();
+        let mut r = rig.rec();
+        let from = |origin: &str, version: &str| {
+            let doc = format!(
+                "apiVersion: edge-ota.io/v1alpha1\nkind: OSUpdate\nspec:\n  version: {version}\n  sources: [http://x/b.eota]\n  activation: {{policy: Manual}}\n"
+            );
+            super::super::desired::parse(doc.as_bytes(), origin, &agent_cfg()).unwrap()
+        };
+        r.offer(from("file", "2.0.0")).unwrap();
+        r.offer(from("url", "3.0.0")).unwrap();
+        // The file provider reads its unchanged file again (a poll, a restart): not news.
+        r.offer(from("file", "2.0.0")).unwrap();
+        assert_eq!(r.state.desired.as_ref().unwrap().target(), "3.0.0");
+        // Changed, it is news again, and the latest change wins.
+        r.offer(from("file", "2.1.0")).unwrap();
+        assert_eq!(r.state.desired.as_ref().unwrap().target(), "2.1.0");
+        // What was seen survives a restart.
+        let r = rig.rec();
+        assert_eq!(r.state.seen.get("url").map(String::len), Some(16));
+    }
+
+    #[test]
     fn desired_outside_the_window_stages_but_applies_only_when_it_opens() {
         let rig = Rig::new();
         let mut h = FakeHost::new();
