@@ -16,7 +16,7 @@ use crate::lock::OpLock;
 use crate::progress::Progress;
 
 /// Schema version of every `--json` document.
-pub const JSON_VERSION: u32 = 1;
+pub use crate::JSON_VERSION;
 
 /// A/B over-the-air updater for immutable edge Linux.
 #[derive(Debug, Parser)]
@@ -346,7 +346,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             let opts = ApplyOptions { slot, tries };
             let progress = net.progress(quiet, json);
             let report = if source == "auto" {
-                use crate::source::auto::{self, Outcome};
+                use crate::install::auto::{self, Outcome};
                 let limits = net.limits(&cfg);
                 match auto::apply(
                     &cfg,
@@ -416,7 +416,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             let bl = bootloader::open(&cfg)?;
             let progress = net.progress(false, json);
             let r = if source == "auto" {
-                use crate::source::auto::{self, Outcome};
+                use crate::install::auto::{self, Outcome};
                 let limits = net.limits(&cfg);
                 match auto::fetch(&cfg, bl.as_ref(), &limits, &net.http(&cfg), &progress)? {
                     Outcome::Done(_, r) => r,

@@ -4,7 +4,9 @@
 //! Every host path the updater touches comes from here, so the same code runs on a device,
 //! on loop devices and in tests.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -52,10 +54,10 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     /// Where `--source auto` looks, in which order: media, LAN caches, the upstream.
     #[serde(default)]
-    pub sources: crate::source::auto::SourcesConfig,
+    pub sources: SourcesConfig,
     /// `edge-ota serve` on this device (a base station).
     #[serde(default)]
-    pub serve: Option<crate::serve::ServeConfig>,
+    pub serve: Option<ServeConfig>,
     /// containerd, into which the agent loads a slot's container images (`[containerd]`);
     /// absent: a bundle carrying container images is not loaded anywhere, and the agent
     /// refuses it.
@@ -851,5 +853,197 @@ url = "http://127.0.0.1:10248/healthz"
             "keys = [\"/k.pub\", \"/k.pub\"]\nthreshold = 2",
         );
         assert!(refused(&bad).contains("twice"));
+    }
+}
+
+/// One kind of source, in `[sources] order`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Media,
+    Lan,
+    Upstream,
+}
+
+impl SourceKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SourceKind::Media => "media",
+            SourceKind::Lan => "lan",
+            SourceKind::Upstream => "upstream",
+        }
+    }
+}
+
+/// `[sources]` in the configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourcesConfig {
+    /// The order `--source auto` tries.
+    pub order: Vec<SourceKind>,
+    /// Where removable media are mounted.
+    pub media_dirs: Vec<PathBuf>,
+    /// The bundle's URL on the update server (a fixed name such as
+    /// `https://updates.example/edge-os-x86_64.eota`). A pull-through LAN cache is asked for
+    /// the same name.
+    pub upstream: Option<String>,
+    /// How long to listen for LAN caches.
+    #[serde(rename = "discover_timeout_secs", deserialize_with = "de_secs")]
+    pub discover_timeout: Duration,
+}
+
+impl Default for SourcesConfig {
+    fn default() -> Self {
+        SourcesConfig {
+            order: vec![SourceKind::Media, SourceKind::Lan, SourceKind::Upstream],
+            media_dirs: vec!["/media/usb".into()],
+            upstream: None,
+            discover_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+fn de_secs<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let secs = f64::deserialize(d)?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| serde::de::Error::custom(format!("{secs}: not a number of seconds")))
+}
+
+impl SourcesConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (i, k) in self.order.iter().enumerate() {
+            if self.order[..i].contains(k) {
+                return Err(format!("sources.order lists {} twice", k.as_str()));
+            }
+        }
+        if let Some(u) = &self.upstream {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(format!("sources.upstream {u}: an http:// or https:// URL"));
+            }
+        }
+        if self.discover_timeout.is_zero() || self.discover_timeout > Duration::from_secs(60) {
+            return Err("sources.discover_timeout_secs must be above 0 and at most 60".into());
+        }
+        Ok(())
+    }
+}
+
+/// Port `serve` listens on unless told otherwise.
+pub const DEFAULT_SERVE_PORT: u16 = 8470;
+
+/// `[serve]` in the configuration; every field also has a command-line option.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// The directory of bundles (`*.eota`, `*.bin`): served, never written.
+    pub dir: PathBuf,
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Pull-through: a bundle asked for by name and not in `dir` is fetched from this URL
+    /// (a directory: the name is appended) and cached.
+    pub upstream: Option<String>,
+    /// Where the cache keeps what it fetched (default: `<dir>/.edge-ota-cache`, never served
+    /// as a file).
+    pub cache_dir: Option<PathBuf>,
+    /// Most bytes the cache may hold; the oldest versions not being served are evicted.
+    pub max_cache_bytes: u64,
+    /// HTTPS: certificate chain and key (PEM).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Announce by mDNS.
+    pub announce: bool,
+    /// Instance name in the announcement (default: the host name).
+    pub instance: Option<String>,
+    /// Announce only on these interfaces (default: all).
+    pub announce_interfaces: Vec<String>,
+    /// Open connections at most; more are answered `503` and closed.
+    pub max_connections: usize,
+    /// Open connections from one address at most.
+    pub max_connections_per_peer: usize,
+    /// Largest request head (request line and headers), bytes; larger is refused (`431`).
+    pub max_header_bytes: usize,
+    /// Most header fields in one request.
+    pub max_headers: usize,
+    /// Most ranges in one request; more, or overlapping ones, are refused (`416`).
+    pub max_ranges: usize,
+    /// A connection that moves no byte for this long is closed, and a request head must
+    /// arrive within it (slow clients, slow-loris).
+    #[serde(rename = "idle_timeout_secs", deserialize_with = "de_secs")]
+    pub idle_timeout: Duration,
+    /// A cached bundle is checked against the upstream again after this long (in the
+    /// background: the cached copy is served meanwhile).
+    #[serde(rename = "revalidate_secs", deserialize_with = "de_secs")]
+    pub revalidate: Duration,
+    /// Upstream downloads at once.
+    pub max_upstream_downloads: usize,
+    /// How often the directory is looked at for new or removed bundles.
+    #[serde(rename = "rescan_secs", deserialize_with = "de_secs")]
+    pub rescan: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            dir: "/var/lib/edge-ota/serve".into(),
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_SERVE_PORT)),
+            upstream: None,
+            cache_dir: None,
+            max_cache_bytes: 16 << 30,
+            tls_cert: None,
+            tls_key: None,
+            announce: true,
+            instance: None,
+            announce_interfaces: Vec::new(),
+            max_connections: 256,
+            max_connections_per_peer: 32,
+            max_header_bytes: 16 << 10,
+            max_headers: 64,
+            // Leaves ask for up to 64 per request (HttpOptions::max_ranges_per_request).
+            max_ranges: 128,
+            idle_timeout: Duration::from_secs(30),
+            revalidate: Duration::from_secs(600),
+            max_upstream_downloads: 2,
+            rescan: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Refuse values that would make the server useless or unbounded.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::Usage(format!("serve: {what}")));
+        if self.max_connections == 0 || self.max_connections_per_peer == 0 {
+            return bad("max_connections and max_connections_per_peer must be at least 1".into());
+        }
+        if self.max_ranges == 0 || self.max_headers == 0 || self.max_upstream_downloads == 0 {
+            return bad(
+                "max_ranges, max_headers and max_upstream_downloads must be at least 1".into(),
+            );
+        }
+        if self.max_header_bytes < 8192 {
+            return bad(format!(
+                "max_header_bytes {} is below 8192 (hyper's minimum buffer)",
+                self.max_header_bytes
+            ));
+        }
+        if self.idle_timeout.is_zero() || self.rescan.is_zero() {
+            return bad("idle_timeout_secs and rescan_secs must be above zero".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("tls_cert and tls_key go together".into());
+        }
+        if let Some(u) = &self.upstream {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return bad(format!("upstream {u}: only http:// and https:// URLs"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join(".edge-ota-cache"))
     }
 }

@@ -8,6 +8,9 @@
 //! known-good rule, the floor, status), [`repair`], [`stage`] (pre-staged downloads), [`lock`] (one operation at a time),
 //! [`state`] (persistent, atomic via [`fsutil`]), [`config`], [`error`] (exit codes), [`cli`].
 
+/// Version of every JSON document the CLI, the agent's API and `serve` print.
+pub const JSON_VERSION: u32 = 1;
+
 pub mod agent;
 pub mod bootloader;
 pub mod bundle;

@@ -32,7 +32,7 @@ use super::Snapshot;
 use crate::error::{Error, IoContext, Result};
 
 /// Schema version of the API's documents (same as the CLI's `--json`).
-pub const API_VERSION: u32 = crate::cli::JSON_VERSION;
+pub const API_VERSION: u32 = crate::JSON_VERSION;
 /// Largest request body (a desired state).
 const MAX_BODY: usize = super::desired::MAX_LEN;
 

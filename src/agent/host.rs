@@ -289,7 +289,7 @@ fn expand_sources(cfg: &Config, sources: &[String], progress: &Progress) -> Vec<
 /// `auto`: what `--source auto` would try (removable media, base stations on the LAN, the
 /// configured upstream), in the configured order.
 fn auto_sources(cfg: &Config, progress: &Progress) -> Vec<Result<String>> {
-    use crate::source::auto;
+    use crate::install::auto;
     let dev = match bootloader::open(cfg)
         .map_err(Error::from)
         .and_then(|bl| auto::Device::read(cfg, bl.as_ref()))

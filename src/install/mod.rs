@@ -12,6 +12,7 @@
 //! `verify` runs the same checks and the same plan ([`prepare`]) and decodes every chunk, but
 //! writes nothing. The chunk-by-chunk work is the [`engine`]'s.
 
+pub mod auto;
 pub mod blockdev;
 pub mod engine;
 pub mod files;

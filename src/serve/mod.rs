@@ -22,7 +22,7 @@ pub mod ranges;
 pub mod stats;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,134 +39,13 @@ pub const SERVICE_TYPE: &str = "_edge-ota._tcp.local.";
 /// Version of the HTTP API (paths, index schema), announced in TXT as `api`.
 pub const API_VERSION: u32 = 1;
 /// Port `serve` listens on unless told otherwise.
-pub const DEFAULT_PORT: u16 = 8470;
+pub const DEFAULT_PORT: u16 = crate::config::DEFAULT_SERVE_PORT;
 /// Path of the index of bundles.
 pub const INDEX_PATH: &str = "/index.json";
 /// Path of the counters.
 pub const STATS_PATH: &str = "/stats.json";
 
-/// `[serve]` in the configuration; every field also has a command-line option.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServeConfig {
-    /// The directory of bundles (`*.eota`, `*.bin`): served, never written.
-    pub dir: PathBuf,
-    /// Address and port to listen on.
-    pub listen: SocketAddr,
-    /// Pull-through: a bundle asked for by name and not in `dir` is fetched from this URL
-    /// (a directory: the name is appended) and cached.
-    pub upstream: Option<String>,
-    /// Where the cache keeps what it fetched (default: `<dir>/.edge-ota-cache`, never served
-    /// as a file).
-    pub cache_dir: Option<PathBuf>,
-    /// Most bytes the cache may hold; the oldest versions not being served are evicted.
-    pub max_cache_bytes: u64,
-    /// HTTPS: certificate chain and key (PEM).
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    /// Announce by mDNS.
-    pub announce: bool,
-    /// Instance name in the announcement (default: the host name).
-    pub instance: Option<String>,
-    /// Announce only on these interfaces (default: all).
-    pub announce_interfaces: Vec<String>,
-    /// Open connections at most; more are answered `503` and closed.
-    pub max_connections: usize,
-    /// Open connections from one address at most.
-    pub max_connections_per_peer: usize,
-    /// Largest request head (request line and headers), bytes; larger is refused (`431`).
-    pub max_header_bytes: usize,
-    /// Most header fields in one request.
-    pub max_headers: usize,
-    /// Most ranges in one request; more, or overlapping ones, are refused (`416`).
-    pub max_ranges: usize,
-    /// A connection that moves no byte for this long is closed, and a request head must
-    /// arrive within it (slow clients, slow-loris).
-    #[serde(rename = "idle_timeout_secs", deserialize_with = "de_secs")]
-    pub idle_timeout: Duration,
-    /// A cached bundle is checked against the upstream again after this long (in the
-    /// background: the cached copy is served meanwhile).
-    #[serde(rename = "revalidate_secs", deserialize_with = "de_secs")]
-    pub revalidate: Duration,
-    /// Upstream downloads at once.
-    pub max_upstream_downloads: usize,
-    /// How often the directory is looked at for new or removed bundles.
-    #[serde(rename = "rescan_secs", deserialize_with = "de_secs")]
-    pub rescan: Duration,
-}
-
-impl Default for ServeConfig {
-    fn default() -> Self {
-        ServeConfig {
-            dir: "/var/lib/edge-ota/serve".into(),
-            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
-            upstream: None,
-            cache_dir: None,
-            max_cache_bytes: 16 << 30,
-            tls_cert: None,
-            tls_key: None,
-            announce: true,
-            instance: None,
-            announce_interfaces: Vec::new(),
-            max_connections: 256,
-            max_connections_per_peer: 32,
-            max_header_bytes: 16 << 10,
-            max_headers: 64,
-            // Leaves ask for up to 64 per request (HttpOptions::max_ranges_per_request).
-            max_ranges: 128,
-            idle_timeout: Duration::from_secs(30),
-            revalidate: Duration::from_secs(600),
-            max_upstream_downloads: 2,
-            rescan: Duration::from_secs(5),
-        }
-    }
-}
-
-impl ServeConfig {
-    /// Refuse values that would make the server useless or unbounded.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |what: String| Err(Error::Usage(format!("serve: {what}")));
-        if self.max_connections == 0 || self.max_connections_per_peer == 0 {
-            return bad("max_connections and max_connections_per_peer must be at least 1".into());
-        }
-        if self.max_ranges == 0 || self.max_headers == 0 || self.max_upstream_downloads == 0 {
-            return bad(
-                "max_ranges, max_headers and max_upstream_downloads must be at least 1".into(),
-            );
-        }
-        if self.max_header_bytes < 8192 {
-            return bad(format!(
-                "max_header_bytes {} is below 8192 (hyper's minimum buffer)",
-                self.max_header_bytes
-            ));
-        }
-        if self.idle_timeout.is_zero() || self.rescan.is_zero() {
-            return bad("idle_timeout_secs and rescan_secs must be above zero".into());
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return bad("tls_cert and tls_key go together".into());
-        }
-        if let Some(u) = &self.upstream {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
-                return bad(format!("upstream {u}: only http:// and https:// URLs"));
-            }
-        }
-        Ok(())
-    }
-
-    /// The cache directory.
-    pub fn cache_dir(&self) -> PathBuf {
-        self.cache_dir
-            .clone()
-            .unwrap_or_else(|| self.dir.join(".edge-ota-cache"))
-    }
-}
-
-fn de_secs<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
-    let secs = f64::deserialize(d)?;
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| serde::de::Error::custom(format!("{secs}: not a number of seconds")))
-}
+pub use crate::config::ServeConfig;
 
 /// What `serve` reads from a configuration file: `[serve]`, `[trust]` (the keys a pulled
 /// bundle must be signed by) and `[network]` (how the upstream is reached). Other sections
@@ -244,7 +123,7 @@ impl App {
         }
         bundles.sort_by(|a, b| a.name.cmp(&b.name));
         library::Index {
-            version: crate::cli::JSON_VERSION,
+            version: crate::JSON_VERSION,
             api: API_VERSION,
             instance: announce::instance_name(&self.cfg),
             upstream: self.cache.is_some(),

@@ -65,7 +65,7 @@ impl Stats {
     pub fn snapshot(&self) -> Snapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Snapshot {
-            version: crate::cli::JSON_VERSION,
+            version: crate::JSON_VERSION,
             connections: get(&self.connections),
             refused_connections: get(&self.refused_connections),
             idle_closed: get(&self.idle_closed),

@@ -3,7 +3,6 @@
 //! any offset ([`RangeSource`]), which is what lets an apply fetch only what the device lacks
 //! and resume from the exact byte after a drop.
 
-pub mod auto;
 pub mod http;
 
 use std::fs::File;

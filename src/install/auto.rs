@@ -21,8 +21,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::bootloader::Bootloader;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -30,77 +28,7 @@ use crate::install::BundleSource;
 use crate::progress::Progress;
 use crate::source::http::HttpOptions;
 
-/// One kind of source, in `[sources] order`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    Media,
-    Lan,
-    Upstream,
-}
-
-impl SourceKind {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            SourceKind::Media => "media",
-            SourceKind::Lan => "lan",
-            SourceKind::Upstream => "upstream",
-        }
-    }
-}
-
-/// `[sources]` in the configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SourcesConfig {
-    /// The order `--source auto` tries.
-    pub order: Vec<SourceKind>,
-    /// Where removable media are mounted.
-    pub media_dirs: Vec<PathBuf>,
-    /// The bundle's URL on the update server (a fixed name such as
-    /// `https://updates.example/edge-os-x86_64.eota`). A pull-through LAN cache is asked for
-    /// the same name.
-    pub upstream: Option<String>,
-    /// How long to listen for LAN caches.
-    #[serde(rename = "discover_timeout_secs", deserialize_with = "de_secs")]
-    pub discover_timeout: Duration,
-}
-
-impl Default for SourcesConfig {
-    fn default() -> Self {
-        SourcesConfig {
-            order: vec![SourceKind::Media, SourceKind::Lan, SourceKind::Upstream],
-            media_dirs: vec!["/media/usb".into()],
-            upstream: None,
-            discover_timeout: Duration::from_secs(3),
-        }
-    }
-}
-
-fn de_secs<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
-    let secs = f64::deserialize(d)?;
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| serde::de::Error::custom(format!("{secs}: not a number of seconds")))
-}
-
-impl SourcesConfig {
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        for (i, k) in self.order.iter().enumerate() {
-            if self.order[..i].contains(k) {
-                return Err(format!("sources.order lists {} twice", k.as_str()));
-            }
-        }
-        if let Some(u) = &self.upstream {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
-                return Err(format!("sources.upstream {u}: an http:// or https:// URL"));
-            }
-        }
-        if self.discover_timeout.is_zero() || self.discover_timeout > Duration::from_secs(60) {
-            return Err("sources.discover_timeout_secs must be above 0 and at most 60".into());
-        }
-        Ok(())
-    }
-}
+pub use crate::config::{SourceKind, SourcesConfig};
 
 /// One place to take the bundle from.
 #[derive(Debug, Clone)]
