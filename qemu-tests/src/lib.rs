@@ -1,7 +1,9 @@
 //! Harness for the QEMU end-to-end tests: a VM on a serial console ([`Vm`]), the images it
-//! boots ([`artifacts`]), and host-side inspection of its disk between boots ([`disk`]).
+//! boots ([`artifacts`]), host-side inspection of its disk between boots ([`disk`]), and write
+//! logs of a VM's disk with the crash states they allow ([`blklog`]).
 
 pub mod artifacts;
+pub mod blklog;
 pub mod disk;
 pub mod vm;
 
