@@ -21,9 +21,18 @@ cargo test --workspace --exclude qemu-tests
 # Crash tests: the updater killed at each step that commits state.
 cargo test --features failpoints --test crash_points
 # End to end in QEMU (TCG): builds the kernel, images and bundles first (cached in build/qemu).
-mkdir -p build/qemu && rm -f build/qemu/timings.txt
+# The power-loss test (tests/power_loss.rs) records a whole update and checks every crash
+# state of it: its summary line is printed below.
+mkdir -p build/qemu && rm -f build/qemu/timings.txt build/qemu/power-loss.txt
 cargo test -p qemu-tests -- --test-threads=2
 if [ -f build/qemu/timings.txt ]; then
   echo "QEMU scenario times:"
   sed 's/^/  /' build/qemu/timings.txt
+fi
+if [ -f build/qemu/power-loss.txt ]; then
+  echo "Power loss at every flush (docs/power-loss.md):"
+  sed 's/^/  /' build/qemu/power-loss.txt
+else
+  echo "test.sh: the power-loss test wrote no summary (build/qemu/power-loss.txt)" >&2
+  exit 1
 fi

@@ -43,6 +43,8 @@ pub fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<(), FsError>
         context: format!("renaming into {}", path.display()),
         source: e.error,
     })?;
+    // The power-loss test cuts here: renamed, the directory not yet synced.
+    crate::failpoint::hit("after-rename");
     sync_dir(parent_dir(path))
 }
 

@@ -41,6 +41,16 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+fn guest_target() -> PathBuf {
+    workspace().join("target/guest")
+}
+
+/// The updater binary the guest images carry (release, with fail points), built by [`get`]:
+/// host-side checks run the very same program.
+pub fn guest_edge_ota() -> PathBuf {
+    guest_target().join("release/edge-ota")
+}
+
 fn run(cmd: &mut Command) {
     let shown = format!("{cmd:?}");
     let out = cmd
@@ -123,7 +133,7 @@ fn build() -> Artifacts {
         "-p",
         "edge-ota-image",
     ]));
-    let guest_target = ws.join("target/guest");
+    let guest_target = guest_target();
     run(Command::new(&cargo)
         .current_dir(&ws)
         .args([
@@ -138,7 +148,7 @@ fn build() -> Artifacts {
         .arg("--target-dir")
         .arg(&guest_target));
     let tool = ws.join("target/release/edge-ota-image");
-    let guest_ota = guest_target.join("release/edge-ota");
+    let guest_ota = guest_edge_ota();
     let image = |args: &[&str]| {
         let mut c = Command::new(&tool);
         c.args(args);

@@ -1,7 +1,11 @@
 //! Harness for the QEMU end-to-end tests: a VM on a serial console ([`Vm`]), the images it
-//! boots ([`artifacts`]), and host-side inspection of its disk between boots ([`disk`]).
+//! boots ([`artifacts`]), host-side inspection of its disk between boots ([`disk`]), and the
+//! power-loss checker: write logs of a VM's disk ([`blklog`]) and their crash states judged
+//! on the host ([`crashcheck`]).
 
 pub mod artifacts;
+pub mod blklog;
+pub mod crashcheck;
 pub mod disk;
 pub mod vm;
 

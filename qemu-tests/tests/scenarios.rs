@@ -29,6 +29,7 @@ fn start(a: &Artifacts, name: &str, disk: &Path, usb: &Path) -> Vm {
         usb: Some(usb),
         net: false,
         log_dir: &a.work.join("logs"),
+        disk_log: None,
     })
 }
 
@@ -39,6 +40,7 @@ fn start_networked(a: &Artifacts, name: &str, disk: &Path) -> Vm {
         usb: None,
         net: true,
         log_dir: &a.work.join("logs"),
+        disk_log: None,
     })
 }
 

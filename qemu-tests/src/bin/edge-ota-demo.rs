@@ -25,6 +25,7 @@ fn main() {
         usb: Some(&usb),
         net: false,
         log_dir: &a.work.join("logs"),
+        disk_log: None,
     });
     let boot = Duration::from_secs(300);
     vm.wait_for("edge-init: ready", boot);
