@@ -315,6 +315,7 @@ fn payload(u: &mut Unstructured, format: u32, offset: &mut u64) -> Result<Payloa
         chunk_size,
         chunks,
         deltas: Vec::new(),
+        images: Vec::new(),
     };
     if !u.is_empty() && u.ratio(1, 3)? {
         for _ in 0..u.int_in_range(1..=2)? {
