@@ -10,7 +10,8 @@ export DEBIAN_FRONTEND=noninteractive
 # grub-emu to run the real grub.cfg, U-Boot for qemu-arm64 to run the real boot.cmd.
 # fw_printenv/fw_setenv are in libubootenv-tool on Debian 12, not u-boot-tools.
 # nginx-light is the real HTTP server (ranges, multi-range, If-Range) the network tests use.
-need=(grub2-common grub-emu u-boot-tools u-boot-qemu libubootenv-tool e2fsprogs util-linux fdisk time bc dosfstools mtools nginx-light openssl)
+# containerd and runc: the real runtime tests/containerd.rs imports container images into.
+need=(grub2-common grub-emu u-boot-tools u-boot-qemu libubootenv-tool e2fsprogs util-linux fdisk time bc dosfstools mtools nginx-light openssl containerd runc)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
