@@ -146,9 +146,78 @@ fn oci_archive(dir: &Path) -> (Vec<u8>, ContainerImage) {
     (bytes, img)
 }
 
+/// sha256 with coreutils (the test crate has no sha256 of its own).
+fn sha256_hex(data: &[u8]) -> String {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), data).unwrap();
+    let o = Command::new("sha256sum").arg(f.path()).output().unwrap();
+    assert!(o.status.success());
+    stdout(&o).split_whitespace().next().unwrap().to_string()
+}
+
+/// A `docker save` archive of one image tagged `hello:1` (made with tar(1), as docker
+/// writes it: manifest.json, the configuration, one layer), and the images
+/// `edge-ota-image bundle create` would sign for it.
+fn docker_archive(dir: &Path) -> (Vec<u8>, Vec<ContainerImage>) {
+    let root = dir.join("docker");
+    let layer_tree = dir.join("docker-layer");
+    std::fs::create_dir_all(layer_tree.join("etc")).unwrap();
+    std::fs::write(layer_tree.join("etc/hello.conf"), "from a docker archive\n").unwrap();
+    std::fs::create_dir_all(root.join("layer")).unwrap();
+    let tar = |out: &Path, from: &Path| {
+        let o = Command::new("tar")
+            .args([
+                "--sort=name",
+                "--mtime=@1700000000",
+                "--owner=0",
+                "--group=0",
+            ])
+            .arg("-cf")
+            .arg(out)
+            .arg("-C")
+            .arg(from)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "tar: {}", stderr(&o));
+    };
+    tar(&root.join("layer/layer.tar"), &layer_tree);
+    let layer = std::fs::read(root.join("layer/layer.tar")).unwrap();
+    std::fs::remove_dir_all(&layer_tree).unwrap();
+    let diff_id = format!("sha256:{}", sha256_hex(&layer));
+    let config = format!(
+        r#"{{"architecture":"{}","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#,
+        oci::host_architecture()
+    );
+    let config_hex = sha256_hex(config.as_bytes());
+    std::fs::write(root.join(format!("{config_hex}.json")), &config).unwrap();
+    std::fs::write(
+        root.join("manifest.json"),
+        format!(
+            r#"[{{"Config":"{config_hex}.json","RepoTags":["hello:1"],"Layers":["layer/layer.tar"]}}]"#
+        ),
+    )
+    .unwrap();
+    let out = dir.join("docker.tar");
+    tar(&out, &root);
+    let images = oci::archive_images(&out).unwrap();
+    (std::fs::read(&out).unwrap(), images)
+}
+
 /// A device whose `[containerd]` is at `socket`, with a v2 bundle carrying the archive
 /// applied and booted; `signed` is what the bundle's manifest says the archive holds.
 fn updated_device(socket: &Path, signed: impl FnOnce(ContainerImage) -> ContainerImage) -> Device {
+    updated_device_with(socket, |dir| {
+        let (archive, img) = oci_archive(dir);
+        (archive, vec![signed(img)])
+    })
+}
+
+/// The same, with the archive and its signed images from `archive`.
+fn updated_device_with(
+    socket: &Path,
+    archive: impl FnOnce(&Path) -> (Vec<u8>, Vec<ContainerImage>),
+) -> Device {
     let dev = Device::new(1 << 20);
     let ctr = find_tool("ctr").unwrap_or_else(|| "/usr/bin/ctr".into());
     dev.edit_config(|c| {
@@ -158,7 +227,7 @@ fn updated_device(socket: &Path, signed: impl FnOnce(ContainerImage) -> Containe
             socket.display().to_string()
         )
     });
-    let (archive, img) = oci_archive(dev.dir.path());
+    let (archive, images) = archive(dev.dir.path());
     let b = dev.bundle(
         "v2.eota",
         &BundleOpts {
@@ -166,7 +235,7 @@ fn updated_device(socket: &Path, signed: impl FnOnce(ContainerImage) -> Containe
                 (PayloadKind::Image, "rootfs", image_bytes(300_000, 2)),
                 (PayloadKind::ContainerImages, "k8s", archive),
             ],
-            container_images: vec![("k8s", vec![signed(img)])],
+            container_images: vec![("k8s", images)],
             ..Default::default()
         },
     );
@@ -252,4 +321,27 @@ fn slot_without_images_needs_no_containerd() {
     let o = dev.run(&["import-images", "--slot", "A"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o), "slot A carries no container images\n");
+}
+
+#[test]
+fn docker_archive_is_checked_by_its_configuration_digest() {
+    let Some(ctrd) = Containerd::start("docker_archive_is_checked_by_its_configuration_digest")
+    else {
+        return;
+    };
+    let mut signed = Vec::new();
+    let dev = updated_device_with(&ctrd.socket(), |dir| {
+        let (bytes, images) = docker_archive(dir);
+        signed = images.clone();
+        (bytes, images)
+    });
+    assert_eq!(signed.len(), 1);
+    assert_eq!(signed[0].name, "docker.io/library/hello:1");
+    assert_eq!(signed[0].digest_of, edge_ota::bundle::DigestOf::Config);
+    let o = dev.run(&["import-images"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let line = ctrd
+        .image("docker.io/library/hello:1")
+        .expect("ctr lists the docker image under its normalized name");
+    assert!(line.contains("io.cri-containerd.pinned=pinned"), "{line}");
 }
