@@ -11,7 +11,8 @@ export DEBIAN_FRONTEND=noninteractive
 # fw_printenv/fw_setenv are in libubootenv-tool on Debian 12, not u-boot-tools.
 # nginx-light is the real HTTP server (ranges, multi-range, If-Range) the network tests use.
 # iproute2 (ip netns, veth, bridges) and util-linux (unshare) build the LAN of tests/lan.rs.
-need=(grub2-common grub-emu u-boot-tools u-boot-qemu libubootenv-tool e2fsprogs util-linux fdisk time bc dosfstools mtools nginx-light openssl iproute2)
+# containerd and runc: the real runtime tests/containerd.rs imports container images into.
+need=(grub2-common grub-emu u-boot-tools u-boot-qemu libubootenv-tool e2fsprogs util-linux fdisk time bc dosfstools mtools nginx-light openssl iproute2 containerd runc)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

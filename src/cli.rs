@@ -137,6 +137,13 @@ pub enum Command {
     /// index, optionally a pull-through cache of an upstream URL, announced by mDNS.
     /// Settings: `[serve]` (and `[trust]`, `[network]`) in the configuration, or these options.
     Serve(ServeArgs),
+    /// Load the Kubernetes container images a slot carries (default: the booted one) into
+    /// containerd (`[containerd]`), check their digests against the signed manifest, and
+    /// pin them so kubelet's garbage collection keeps them. Importing twice is harmless.
+    ImportImages {
+        #[arg(long)]
+        slot: Option<String>,
+    },
     /// List the base-station caches on the LAN (mDNS `_edge-ota._tcp`).
     Discover {
         /// How long to listen, in seconds.
@@ -640,6 +647,40 @@ pub fn run(cli: Cli) -> Result<u8> {
                     })
                     .collect()
             });
+            Ok(0)
+        }
+        Command::ImportImages { slot } => {
+            let cfg = load()?;
+            let slot = match slot {
+                Some(s) => s,
+                None => crate::slot::booted_slot(&cfg.cmdline)?.ok_or_else(|| {
+                    Error::Usage(
+                        "cannot tell the booted slot (no edgeota.slot= on the kernel command line): give --slot".into(),
+                    )
+                })?,
+            };
+            let _lock = lock(&cfg, "import-images")?;
+            let images = crate::containerd::import_slot(&cfg, &slot)?;
+            print(
+                json,
+                &serde_json::json!({"slot": slot, "images": images}),
+                || {
+                    if images.is_empty() {
+                        return format!("slot {slot} carries no container images\n");
+                    }
+                    images
+                        .iter()
+                        .map(|i| {
+                            format!(
+                                "{} {}{}\n",
+                                i.name,
+                                i.digest,
+                                if i.pinned { " pinned" } else { "" }
+                            )
+                        })
+                        .collect()
+                },
+            );
             Ok(0)
         }
         Command::Agent(args) => crate::agent::cli::run(&config_path, json, args),

@@ -85,6 +85,10 @@ pub struct ContainerdConfig {
     /// a slow disk may take minutes).
     #[serde(default = "default_containerd_timeout")]
     pub timeout_secs: u64,
+    /// Snapshotter to unpack imported images into (`native` where the kernel has no
+    /// overlayfs); default: containerd's.
+    #[serde(default)]
+    pub snapshotter: Option<String>,
 }
 
 fn default_ctr() -> PathBuf {

@@ -72,7 +72,21 @@ pub fn import_slot(cfg: &Config, slot: &str) -> Result<Vec<Imported>> {
             "slot {slot} carries container images but [containerd] is not configured"
         ))
     })?;
+    check_running(c)?;
     Ctr(c).import_all(files_dir, &archives)
+}
+
+/// Whether containerd answers on its socket, checked first: `ctr` against a dead socket
+/// only says that a dial timed out, after waiting for it.
+fn check_running(c: &ContainerdConfig) -> Result<()> {
+    std::os::unix::net::UnixStream::connect(&c.address)
+        .map(drop)
+        .map_err(|e| {
+            Error::Images(format!(
+                "containerd is not running: nothing answers on {} ({e})",
+                c.address.display()
+            ))
+        })
 }
 
 /// containerd's `ctr`, with the configured socket and namespace.
@@ -103,7 +117,13 @@ impl Ctr<'_> {
                     INDEX_FILE
                 )));
             }
-            self.run(&["images", "import", &path.display().to_string()], false)?;
+            let path = path.display().to_string();
+            let mut args = vec!["images", "import"];
+            if let Some(s) = &self.0.snapshotter {
+                args.extend(["--snapshotter", s]);
+            }
+            args.push(&path);
+            self.run(&args, false)?;
         }
         // Check before pinning: an image that is not what was signed must not be kept.
         let listed = self.list()?;

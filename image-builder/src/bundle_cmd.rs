@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use edge_ota::error::{Error, IoContext, Result};
 use edge_ota_format::build::keys;
+use edge_ota_format::build::oci;
 use edge_ota_format::build::writer::{self, BundleSpec, Chunking, DeltaInput, PayloadInput};
 use edge_ota_format::head::BundleHead;
 use edge_ota_format::signature;
@@ -171,6 +172,7 @@ pub fn create(a: CreateArgs) -> Result<()> {
         created,
         payloads,
     );
+    spec.container_images = container_images(&spec.payloads)?;
     spec.expires = expires;
     spec.format = a.format;
     spec.zstd_level = a.level;
@@ -239,6 +241,28 @@ fn write_bundle(
         .ctx(|| format!("setting permissions of {}", out.display()))?;
     edge_ota::fsutil::persist(tmp, out)?;
     Ok(m)
+}
+
+/// The images each container-images payload's archive holds, for the signed manifest: the
+/// device checks what containerd imported against them. An archive whose images cannot be
+/// named and hashed is refused here rather than shipped unverifiable.
+fn container_images(
+    payloads: &[PayloadInput],
+) -> Result<std::collections::BTreeMap<String, Vec<edge_ota_format::ContainerImage>>> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in payloads
+        .iter()
+        .filter(|p| p.kind == PayloadKind::ContainerImages)
+    {
+        let images = oci::archive_images(&p.path).map_err(|e| match e {
+            oci::ArchiveError::Invalid { .. } => {
+                Error::Usage(format!("container-images payload {}: {e}", p.name))
+            }
+            oci::ArchiveError::Io { context, source } => Error::Io { context, source },
+        })?;
+        out.insert(p.name.clone(), images);
+    }
+    Ok(out)
 }
 
 fn newest_mtime(payloads: &[PayloadInput]) -> Result<u64> {
@@ -360,6 +384,9 @@ pub fn run(c: BundleCommand) -> Result<()> {
                         p.chunks.len(),
                         p.blake3
                     );
+                    for i in &p.images {
+                        println!("  image {} {} {}", i.name, i.digest_of.as_str(), i.digest);
+                    }
                 }
             }
             Ok(())

@@ -25,7 +25,7 @@ enum Command {
     Bundle(bundle_cmd::BundleCommand),
     /// OS images for the QEMU tests: kernel, initramfs, rootfs, disk.
     #[command(flatten)]
-    Os(os::OsCommand),
+    Os(Box<os::OsCommand>),
 }
 
 fn main() -> ExitCode {
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     let result: Result<(), (String, u8)> = match cli.command {
         Command::Keygen(a) => bundle_cmd::keygen(a).map_err(|e| (e.to_string(), e.exit_code())),
         Command::Bundle(c) => bundle_cmd::run(c).map_err(|e| (e.to_string(), e.exit_code())),
-        Command::Os(c) => os::run(c).map_err(|e| (e.to_string(), e.exit_code())),
+        Command::Os(c) => os::run(*c).map_err(|e| (e.to_string(), e.exit_code())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -141,3 +141,72 @@ fn missing_payload_is_a_usage_error() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no payloads"));
 }
+
+fn create_with_images(dir: &Path, archive: &Path) -> std::process::Output {
+    tool()
+        .args(["bundle", "create", "--compatible", "edge-test"])
+        .args(["--version", "1.0.0", "--security-version", "1"])
+        .args(["--created", "1700000000"])
+        .arg("--key")
+        .arg(demo_key())
+        .arg("--image")
+        .arg(payload(dir))
+        .arg("--payload")
+        .arg(format!("container-images:apps:{}", archive.display()))
+        .arg("--out")
+        .arg(dir.join("images.eota"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bundle_create_signs_the_images_a_container_archive_holds() {
+    use edge_ota_format::build::oci;
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::write(tree.join("bin/hello"), b"#!/bin/sh\necho hello\n").unwrap();
+    let archive = dir.path().join("apps.tar");
+    let img = oci::write_oci_archive_file(
+        &oci::OciArchiveSpec {
+            from: tree,
+            name: "registry.local/edge/hello:1".into(),
+            architecture: oci::host_architecture().into(),
+            entrypoint: vec!["/bin/hello".into()],
+            mtime: 1_700_000_000,
+        },
+        &archive,
+    )
+    .unwrap();
+    let o = create_with_images(dir.path(), &archive);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = tool()
+        .args(["bundle", "info", "--json"])
+        .arg(dir.path().join("images.eota"))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let apps = &v["manifest"]["payloads"][1];
+    assert_eq!(apps["kind"], "container-images");
+    assert_eq!(apps["images"][0]["name"], "registry.local/edge/hello:1");
+    assert_eq!(apps["images"][0]["digest"], img.digest.as_str());
+    // An OCI archive: the manifest digest, the default, which is left out.
+    assert!(apps["images"][0]["digest_of"].is_null());
+    assert_eq!(apps["images"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn container_archive_without_named_images_is_refused_at_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("not-images.tar");
+    std::fs::write(&archive, vec![0u8; 10240]).unwrap();
+    let o = create_with_images(dir.path(), &archive);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("apps") && err.contains("not-images.tar"),
+        "{err}"
+    );
+    assert!(!dir.path().join("images.eota").exists());
+}

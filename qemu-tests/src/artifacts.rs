@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use edge_ota_format::build::oci;
+
 /// The guest's product string; bundles for anything else are refused.
 pub const COMPATIBLE: &str = "edge-os-x86_64-qemu";
 
@@ -20,6 +22,8 @@ pub struct Artifacts {
     pub bundle_v2: PathBuf,
     /// The container image archive inside `bundle_v2`.
     pub container_images: PathBuf,
+    /// The image that archive holds, as the bundle's manifest signs it.
+    pub container_image: edge_ota::bundle::ContainerImage,
     /// v2 whose health check always fails.
     pub bundle_health_fail: PathBuf,
     /// v2 whose init exits at once: kernel panic, reboot.
@@ -105,7 +109,11 @@ path = "/etc/os-release"
 name = "edge-ota-status"
 kind = "command"
 command = ["/usr/bin/edge-ota", "status"]
-{extra_probe}"#
+{extra_probe}
+[containerd]
+address = "/run/containerd/containerd.sock"
+snapshotter = "native"
+"#
     )
 }
 
@@ -179,6 +187,12 @@ fn build() -> Artifacts {
         "{}=/etc/edge-ota/keys/INSECURE-demo.pub.pem",
         key_pub.display()
     );
+    // The container runtime, Debian's, as the host has it.
+    let bin = |tool: &str, dest: &str| {
+        let host = edge_ota::testing::find_tool(tool)
+            .unwrap_or_else(|| panic!("{tool} is not installed (scripts/install-deps.sh)"));
+        format!("{}={dest}", host.display())
+    };
     let rootfs = |name: &str, version: &str, variant: &str, config: &str| {
         image(&[
             "rootfs",
@@ -196,8 +210,15 @@ fn build() -> Artifacts {
             variant,
             "--add",
             &add_key,
+            "--add-bin",
+            &bin("containerd", "/usr/bin/containerd"),
+            "--add-bin",
+            &bin("ctr", "/usr/bin/ctr"),
+            "--add-bin",
+            &bin("runc", "/usr/sbin/runc"),
+            // containerd, ctr and runc take about 76 MiB.
             "--size",
-            "96",
+            "144",
             "--out",
             &p(name),
         ]);
@@ -225,7 +246,7 @@ fn build() -> Artifacts {
         "--out",
         &p("disk-v1.img"),
         "--slot-size",
-        "128",
+        "176",
         "--data-size",
         "64",
         "--slot-a-version",
@@ -234,37 +255,26 @@ fn build() -> Artifacts {
         "1",
     ]);
 
-    // A stand-in for the Kubernetes images a release ships (an OCI layout archive), made
-    // reproducibly so the bundle is too.
-    let oci = work.join("oci");
-    std::fs::create_dir_all(oci.join("blobs/sha256")).unwrap();
+    // The Kubernetes images a release ships: a small real image (one layer) as an OCI
+    // archive, made reproducibly so the bundle is too.
+    let image_tree = work.join("k8s-image-tree");
+    std::fs::create_dir_all(image_tree.join("etc")).unwrap();
     std::fs::write(
-        oci.join("oci-layout"),
-        "{\"imageLayoutVersion\":\"1.0.0\"}\n",
+        image_tree.join("etc/edge-app.conf"),
+        "# shipped in the v2 bundle, imported with no network\n",
     )
     .unwrap();
-    std::fs::write(
-        oci.join("index.json"),
-        "{\"schemaVersion\":2,\"manifests\":[]}\n",
+    let container_image = oci::write_oci_archive_file(
+        &oci::OciArchiveSpec {
+            from: image_tree,
+            name: "registry.local/edge/app:2.0.0".into(),
+            architecture: oci::host_architecture().into(),
+            entrypoint: Vec::new(),
+            mtime: 1_700_000_000,
+        },
+        &work.join("k8s-images.tar"),
     )
     .unwrap();
-    std::fs::write(
-        oci.join("blobs/sha256/layer"),
-        "pause container layer stand-in\n".repeat(4096),
-    )
-    .unwrap();
-    run(Command::new("tar")
-        .args([
-            "--sort=name",
-            "--mtime=@1700000000",
-            "--owner=0",
-            "--group=0",
-        ])
-        .args(["--numeric-owner", "-cf"])
-        .arg(work.join("k8s-images.tar"))
-        .arg("-C")
-        .arg(&oci)
-        .arg("."));
 
     let key = ws.join("keys-example/INSECURE-demo.key.pem");
     let bundle = |out: &str, rootfs: &str, version: &str, sv: &str, extra: &[&str]| {
@@ -328,6 +338,7 @@ fn build() -> Artifacts {
         layout: crate::disk::Layout::read(&work.join("disk-v1.img.layout.json")),
         bundle_v2: work.join("v2.eota"),
         container_images: work.join("k8s-images.tar"),
+        container_image,
         bundle_health_fail: work.join("v2-health-fail.eota"),
         bundle_panic: work.join("v2-panic.eota"),
         bundle_hang: work.join("v2-hang.eota"),

@@ -23,6 +23,13 @@ pub fn skip_reason() -> Option<String> {
             "qemu-system-x86_64 is not installed (scripts/install-deps.sh installs it)".into(),
         );
     }
+    for tool in ["containerd", "ctr", "runc"] {
+        if edge_ota::testing::find_tool(tool).is_none() {
+            return Some(format!(
+                "{tool} is not installed: the guest OS ships the host's (scripts/install-deps.sh installs it)"
+            ));
+        }
+    }
     if !nix_is_root() {
         return Some("building the images needs root (apt-get download, package installs)".into());
     }

@@ -97,6 +97,17 @@ fn update_to_v2(vm: &mut Vm) {
     wait_ready(vm, "B", "2.0.0");
 }
 
+/// `ctr -n k8s.io images ls` in the guest lists `img` with its signed digest, pinned.
+fn assert_image_pinned(vm: &mut Vm, img: &edge_ota::bundle::ContainerImage) {
+    let ls = vm.ok("ctr -n k8s.io images ls", CMD);
+    let line = ls
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(img.name.as_str()))
+        .unwrap_or_else(|| panic!("containerd has no {}:\n{ls}", img.name));
+    assert!(line.contains(&img.digest), "want {}: {line}", img.digest);
+    assert!(line.contains("io.cri-containerd.pinned=pinned"), "{line}");
+}
+
 #[test]
 fn usb_update_air_gapped() {
     require_qemu!("usb_update_air_gapped");
@@ -129,11 +140,16 @@ fn usb_update_air_gapped() {
             .unwrap()
             .to_string();
         assert!(md5.contains(&want), "guest {md5}, host {want}");
-        // Another reboot stays on B.
+        // ...and init loaded them into containerd, checked against the signed manifest and
+        // pinned, from the bundle: this VM has no network interface to pull with.
+        vm.ok("[ ! -e /sys/class/net/eth0 ]", CMD);
+        assert_image_pinned(&mut vm, &a.container_image);
+        // Another reboot stays on B, and importing again at its boot is harmless.
         vm.send("reboot");
         vm.wait_for("edge-grub: booting B", BOOT);
         wait_ready(&mut vm, "B", "2.0.0");
         assert_eq!(vm.status()["booted"], "B");
+        assert_image_pinned(&mut vm, &a.container_image);
         vm.shutdown(BOOT);
         assert_eq!(
             disk::partition_hash(&d, "rootfs-A"),

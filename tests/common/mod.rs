@@ -63,6 +63,8 @@ pub struct BundleOpts {
     pub chunk_size: u32,
     /// Base images to build deltas of the "rootfs" payload against: (bytes, version).
     pub deltas: Vec<(Vec<u8>, &'static str)>,
+    /// The images each container-images payload (by target) is signed as holding.
+    pub container_images: Vec<(&'static str, Vec<edge_ota::bundle::ContainerImage>)>,
 }
 
 impl Default for BundleOpts {
@@ -78,6 +80,7 @@ impl Default for BundleOpts {
             format: 2,
             chunk_size: 16 << 10,
             deltas: Vec::new(),
+            container_images: Vec::new(),
         }
     }
 }
@@ -244,6 +247,11 @@ path = "{d}/healthy"
         spec.zstd_level = 3;
         spec.threads = 2;
         spec.deltas = deltas;
+        spec.container_images = o
+            .container_images
+            .iter()
+            .map(|(t, i)| (t.to_string(), i.clone()))
+            .collect();
         let keys: Vec<_> = o.keys.iter().map(|k| signing_key(k)).collect();
         writer::create_file(&spec, &keys, &out).unwrap();
         out

@@ -93,6 +93,10 @@ pub enum OsCommand {
         /// Extra content, `HOST_PATH=IMAGE_PATH` (a file or a directory tree); repeatable.
         #[arg(long = "add", value_name = "SRC=DEST")]
         add: Vec<String>,
+        /// An executable, `HOST_PATH=IMAGE_PATH`, with the shared libraries ldd lists (at the
+        /// paths the loader expects), e.g. containerd; repeatable.
+        #[arg(long = "add-bin", value_name = "SRC=DEST")]
+        add_bin: Vec<String>,
         /// A statically linked busybox.
         #[arg(long, default_value = "/bin/busybox")]
         busybox: PathBuf,
@@ -178,6 +182,7 @@ pub fn run(cmd: OsCommand) -> Result<(), OsError> {
             out,
             size,
             add,
+            add_bin,
             busybox,
             seed,
             force,
@@ -191,6 +196,7 @@ pub fn run(cmd: OsCommand) -> Result<(), OsError> {
             out,
             size_mib: size,
             add,
+            add_bin,
             busybox,
             seed,
             force,

@@ -10,6 +10,8 @@ use super::util::{self, command, invalid, note, run_text, tool, IoContext, Resul
 
 pub const SLOT_INIT: &str = include_str!("init/slot-init.sh");
 pub const UDHCPC_SCRIPT: &str = include_str!("init/udhcpc.script");
+/// containerd's configuration (used when the image has containerd: `--add-bin`).
+pub const CONTAINERD_CONFIG: &str = include_str!("init/containerd.toml");
 
 /// How the slot's init behaves, for rollback tests.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +48,8 @@ pub struct RootfsOpts {
     pub out: PathBuf,
     pub size_mib: u64,
     pub add: Vec<String>,
+    /// Executables added with their shared libraries, `HOST_PATH=IMAGE_PATH`.
+    pub add_bin: Vec<String>,
     pub busybox: PathBuf,
     pub seed: String,
     pub force: bool,
@@ -191,6 +195,7 @@ fn tree(o: &RootfsOpts, k: &KernelDir) -> Result<Tree> {
     }
     t.file_bytes("sbin/init", SLOT_INIT, 0o755)?;
     t.file_bytes("usr/share/udhcpc/default.script", UDHCPC_SCRIPT, 0o755)?;
+    t.file_bytes("etc/containerd/config.toml", CONTAINERD_CONFIG, 0o644)?;
 
     let v = &o.version;
     let variant = o.variant.as_str();
@@ -243,6 +248,14 @@ fn tree(o: &RootfsOpts, k: &KernelDir) -> Result<Tree> {
         let (src, dest) = parse_add(spec)?;
         t.add_host(&src, &dest)?;
     }
+    for spec in &o.add_bin {
+        let (src, dest) = parse_add(spec)?;
+        t.file(&dest, Source::Path(src.clone()), 0o755)?;
+        for lib in shared_libs(&src)? {
+            let real = fs::canonicalize(&lib).ctx(|| format!("resolving {lib}"))?;
+            t.file(&lib, Source::Path(real), 0o755)?;
+        }
+    }
     Ok(t)
 }
 
@@ -258,9 +271,10 @@ pub fn build(o: &RootfsOpts) -> Result<()> {
     let mut stamp = Stamp::new("rootfs");
     stamp
         // Bump when what this step writes changes for the same inputs.
-        .add("format", "2")
+        .add("format", "3")
         .add("init", SLOT_INIT)
         .add("udhcpc", UDHCPC_SCRIPT)
+        .add("containerd-config", CONTAINERD_CONFIG)
         .add("watchdog-margin", WATCHDOG_MARGIN.to_string())
         .add("version", &o.version)
         .add("variant", o.variant.as_str())
@@ -282,6 +296,13 @@ pub fn build(o: &RootfsOpts) -> Result<()> {
             stamp.add_tree("add-src", &src)?;
         } else {
             stamp.add_file("add-src", &src)?;
+        }
+    }
+    for spec in &o.add_bin {
+        let (src, dest) = parse_add(spec)?;
+        stamp.add("add-bin", &dest).add_file("add-bin-src", &src)?;
+        for lib in shared_libs(&src)? {
+            stamp.add_file("lib", Path::new(&lib))?;
         }
     }
     let digest = stamp.digest();

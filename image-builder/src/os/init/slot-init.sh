@@ -110,11 +110,43 @@ fi
 
 # Keep feeding the watchdog (its timeout stays the margin).
 watchdog -T "$margin" -t 5 /dev/watchdog
+
+# The container runtime, once the slot is confirmed (under one emulated CPU it would only
+# slow the health gate): its store is on the data partition, and the Kubernetes images the
+# slot's bundle carried are loaded into it from the slot's files, with no network.
+ctrd_pid=
+if [ -x /usr/bin/containerd ]; then
+	mkdir -p /var/lib/containerd /run/containerd /sys/fs/cgroup
+	mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+	containerd --config /etc/containerd/config.toml >/var/log/containerd.log 2>&1 &
+	ctrd_pid=$!
+	i=0
+	while [ ! -S /run/containerd/containerd.sock ] && [ $i -lt 120 ]; do
+		sleep 0.5
+		i=$((i + 1))
+	done
+	log "containerd started (pid $ctrd_pid)"
+	/usr/bin/edge-ota import-images
+	rc=$?
+	if [ "$rc" -eq 0 ]; then
+		log "container images imported"
+	else
+		log "WARNING: container images not imported (exit $rc)"
+	fi
+fi
 log "ready"
 
 # busybox reboot/poweroff/halt signal PID 1; do what they ask.
 shutdown_now() {
 	log "$1"
+	if [ -n "$ctrd_pid" ]; then
+		kill "$ctrd_pid" 2>/dev/null
+		i=0
+		while kill -0 "$ctrd_pid" 2>/dev/null && [ $i -lt 20 ]; do
+			sleep 0.2
+			i=$((i + 1))
+		done
+	fi
 	sync
 	umount /var 2>/dev/null
 	umount /mnt/boot 2>/dev/null
