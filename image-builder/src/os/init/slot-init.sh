@@ -114,8 +114,11 @@ watchdog -T "$margin" -t 5 /dev/watchdog
 # The container runtime, once the slot is confirmed (under one emulated CPU it would only
 # slow the health gate): its store is on the data partition, and the Kubernetes images the
 # slot's bundle carried are loaded into it from the slot's files, with no network.
+# Seconds since $1 (a /proc/uptime reading): what the runtime costs each boot.
+since() { awk -v t="$1" '{ printf "%.1f", $1 - t }' /proc/uptime; }
 ctrd_pid=
 if [ -x /usr/bin/containerd ]; then
+	t0=$(cut -d' ' -f1 /proc/uptime)
 	mkdir -p /var/lib/containerd /run/containerd /sys/fs/cgroup
 	mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 	containerd --config /etc/containerd/config.toml >/var/log/containerd.log 2>&1 &
@@ -125,11 +128,12 @@ if [ -x /usr/bin/containerd ]; then
 		sleep 0.5
 		i=$((i + 1))
 	done
-	log "containerd started (pid $ctrd_pid)"
+	log "containerd started (pid $ctrd_pid, answering after $(since "$t0") s)"
+	t0=$(cut -d' ' -f1 /proc/uptime)
 	/usr/bin/edge-ota import-images
 	rc=$?
 	if [ "$rc" -eq 0 ]; then
-		log "container images imported"
+		log "container images imported ($(since "$t0") s)"
 	else
 		log "WARNING: container images not imported (exit $rc)"
 	fi
