@@ -623,6 +623,8 @@ fn start(
         let m = m.clone();
         let base = inp.base.clone();
         let delta_gate = delta_gate.clone();
+        let staged = inp.staged.clone();
+        let payload_offset = inp.payload_offset;
         std::thread::Builder::new()
             .name(format!("chunk-worker-{w}"))
             .spawn(move || {
@@ -634,6 +636,18 @@ fn start(
                     }
                 };
                 while let Some(work) = recv_or_cancel(&work_rx, &cancel_rx) {
+                    // The bytes a frame came from, to forget them if they fail their check.
+                    let from = match &work {
+                        Work::Full(pi, i, _) => {
+                            let c = &m.payloads[*pi].chunks[*i];
+                            Some(frame_range(payload_offset, c.offset, c.clen))
+                        }
+                        Work::Delta(pi, d, f, _, _) if *f != usize::MAX => {
+                            let fr = &m.payloads[*pi].deltas[*d].frames[*f];
+                            Some(frame_range(payload_offset, fr.offset, fr.clen))
+                        }
+                        _ => None,
+                    };
                     let r = match work {
                         Work::Full(pi, i, compressed) => {
                             let r =
@@ -678,6 +692,13 @@ fn start(
                             }
                         }
                         Err(e) => {
+                            // A frame that fails its check must not stay spooled or staged:
+                            // the next try (another source, a retry) fetches it again
+                            // instead of failing on the same bad bytes forever.
+                            if let (Error::Tampered { .. }, Some(st), Some(r)) = (&e, &staged, from)
+                            {
+                                let _ = st.used(&[r]);
+                            }
                             let _ = done_tx.send(Err(e));
                             return;
                         }
