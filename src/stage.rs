@@ -308,6 +308,15 @@ impl StagedBundle {
         if ranges.is_empty() {
             return Ok(());
         }
+        // Bytes appended but not listed yet must not be listed later either: the next flush
+        // would otherwise bring the range back over the hole punched below.
+        {
+            let mut p = self.pending.lock().expect("pending lock");
+            p.0 = std::mem::take(&mut p.0)
+                .into_iter()
+                .flat_map(|r| subtract(r, ranges))
+                .collect();
+        }
         self.commit(&[], |i| {
             for r in ranges {
                 i.remove(r.start, r.end);
@@ -325,6 +334,33 @@ impl StagedBundle {
         }
         Ok(())
     }
+}
+
+/// `r` without any of `cut`.
+fn subtract(r: Range<u64>, cut: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = vec![r];
+    for c in cut {
+        out = out
+            .into_iter()
+            .flat_map(|r| {
+                let mut parts = Vec::new();
+                if r.start < c.start {
+                    parts.push(r.start..r.end.min(c.start));
+                }
+                if c.end < r.end {
+                    parts.push(r.start.max(c.end)..r.end);
+                }
+                if c.end <= r.start || r.end <= c.start {
+                    parts = vec![r.clone()];
+                }
+                parts
+                    .into_iter()
+                    .filter(|p| p.start < p.end)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+    }
+    out
 }
 
 impl Staged for StagedBundle {
@@ -446,5 +482,27 @@ mod tests {
         assert!(i.contains(&(26..40)));
         assert!(!i.contains(&(14..26)));
         assert_eq!(i.present_bytes(), 20);
+    }
+
+    #[test]
+    fn subtract_keeps_what_is_outside_the_cuts() {
+        assert_eq!(
+            subtract(0..100, &[10..20, 50..60]),
+            vec![0..10, 20..50, 60..100]
+        );
+        assert_eq!(subtract(10..20, &[0..100, 5..6]), Vec::<Range<u64>>::new());
+        assert_eq!(subtract(10..20, &[20..30, 0..10]), vec![10..20]);
+    }
+
+    /// A frame that failed its check is discarded while its bytes are still waiting to be
+    /// listed: a later flush must not list them again over the punched hole.
+    #[test]
+    fn discarded_bytes_not_yet_listed_are_never_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = StagedBundle::open_or_create(dir.path(), "id", "1.0.0", "src", b"head").unwrap();
+        st.append(0, &[7u8; 1000]).unwrap();
+        st.discard(&[100..600, 2000..2100]).unwrap();
+        st.flush().unwrap();
+        assert_eq!(st.index().present, vec![[0, 100], [600, 1000]]);
     }
 }
