@@ -162,6 +162,9 @@ fn flipped_bit_in_each_chunk_is_refused() {
         chunks.len()
     );
     for (i, c) in chunks.iter().enumerate().filter(|(_, c)| c.clen > 0) {
+        // A fresh device each time: the same bundle id would otherwise resume, and skip the
+        // chunks an earlier refused try had already written and verified.
+        let dev = Device::new(1 << 20);
         let at = payload + c.offset as usize + c.clen as usize / 2;
         let bad = corrupt(&dev, &b, "c", |v| v[at] ^= 0x10);
         let o = dev.run(&["apply", "--no-reboot", bad.to_str().unwrap()]);
