@@ -93,6 +93,33 @@ pub enum Outcome<T> {
     UpToDate(String),
 }
 
+/// The candidates of one kind, or why there are none.
+fn of_kind(
+    cfg: &Config,
+    dev: &Device,
+    net: &HttpOptions,
+    progress: &Progress,
+    kind: SourceKind,
+) -> (Vec<Candidate>, String) {
+    match kind {
+        SourceKind::Media => media(cfg, dev, net, progress),
+        SourceKind::Lan => lan(cfg, dev, net, progress),
+        SourceKind::Upstream => match &cfg.sources.upstream {
+            Some(u) => (
+                vec![Candidate {
+                    kind: SourceKind::Upstream,
+                    spec: u.clone(),
+                    reason: "the configured upstream".into(),
+                    authoritative: true,
+                    net: net.clone(),
+                }],
+                String::new(),
+            ),
+            None => (Vec::new(), "not configured ([sources] upstream)".into()),
+        },
+    }
+}
+
 /// Every candidate of every configured kind, in order (the agent tries them one by one with
 /// its own fetch); the notes say why a kind offered none.
 pub fn candidates(
@@ -104,23 +131,7 @@ pub fn candidates(
     let mut all = Vec::new();
     let mut notes = Vec::new();
     for kind in &cfg.sources.order {
-        let (cands, why_none) = match kind {
-            SourceKind::Media => media(cfg, dev, net, progress),
-            SourceKind::Lan => lan(cfg, dev, net, progress),
-            SourceKind::Upstream => match &cfg.sources.upstream {
-                Some(u) => (
-                    vec![Candidate {
-                        kind: SourceKind::Upstream,
-                        spec: u.clone(),
-                        reason: "the configured upstream".into(),
-                        authoritative: true,
-                        net: net.clone(),
-                    }],
-                    String::new(),
-                ),
-                None => (Vec::new(), "not configured ([sources] upstream)".into()),
-            },
-        };
+        let (cands, why_none) = of_kind(cfg, dev, net, progress, *kind);
         if cands.is_empty() {
             notes.push(format!("{}: {why_none}", kind.as_str()));
         }
@@ -145,23 +156,7 @@ pub fn run<T>(
             summary.push(format!("{}: skipped (offline)", kind.as_str()));
             continue;
         }
-        let (cands, why_none) = match kind {
-            SourceKind::Media => media(cfg, dev, net, progress),
-            SourceKind::Lan => lan(cfg, dev, net, progress),
-            SourceKind::Upstream => match &cfg.sources.upstream {
-                Some(u) => (
-                    vec![Candidate {
-                        kind: SourceKind::Upstream,
-                        spec: u.clone(),
-                        reason: "the configured upstream".into(),
-                        authoritative: true,
-                        net: net.clone(),
-                    }],
-                    String::new(),
-                ),
-                None => (Vec::new(), "not configured ([sources] upstream)".into()),
-            },
-        };
+        let (cands, why_none) = of_kind(cfg, dev, net, progress, *kind);
         if cands.is_empty() {
             progress.note(format!("source auto: {}: {why_none}", kind.as_str()));
             summary.push(format!("{}: {why_none}", kind.as_str()));
