@@ -312,10 +312,14 @@ impl StagedBundle {
         // would otherwise bring the range back over the hole punched below.
         {
             let mut p = self.pending.lock().expect("pending lock");
-            p.0 = std::mem::take(&mut p.0)
-                .into_iter()
-                .flat_map(|r| subtract(r, ranges))
-                .collect();
+            let mut left = Index::default();
+            for r in p.0.drain(..) {
+                left.add(r.start, r.end);
+            }
+            for r in ranges {
+                left.remove(r.start, r.end);
+            }
+            p.0 = left.present.iter().map(|r| r[0]..r[1]).collect();
         }
         self.commit(&[], |i| {
             for r in ranges {
@@ -334,33 +338,6 @@ impl StagedBundle {
         }
         Ok(())
     }
-}
-
-/// `r` without any of `cut`.
-fn subtract(r: Range<u64>, cut: &[Range<u64>]) -> Vec<Range<u64>> {
-    let mut out = vec![r];
-    for c in cut {
-        out = out
-            .into_iter()
-            .flat_map(|r| {
-                let mut parts = Vec::new();
-                if r.start < c.start {
-                    parts.push(r.start..r.end.min(c.start));
-                }
-                if c.end < r.end {
-                    parts.push(r.start.max(c.end)..r.end);
-                }
-                if c.end <= r.start || r.end <= c.start {
-                    parts = vec![r.clone()];
-                }
-                parts
-                    .into_iter()
-                    .filter(|p| p.start < p.end)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-    }
-    out
 }
 
 impl Staged for StagedBundle {
@@ -485,13 +462,21 @@ mod tests {
     }
 
     #[test]
-    fn subtract_keeps_what_is_outside_the_cuts() {
+    fn remove_keeps_what_is_outside_the_cuts() {
+        let left = |r: [u64; 2], cuts: &[[u64; 2]]| {
+            let mut i = Index::default();
+            i.add(r[0], r[1]);
+            for c in cuts {
+                i.remove(c[0], c[1]);
+            }
+            i.present
+        };
         assert_eq!(
-            subtract(0..100, &[10..20, 50..60]),
-            vec![0..10, 20..50, 60..100]
+            left([0, 100], &[[10, 20], [50, 60]]),
+            vec![[0, 10], [20, 50], [60, 100]]
         );
-        assert_eq!(subtract(10..20, &[0..100, 5..6]), Vec::<Range<u64>>::new());
-        assert_eq!(subtract(10..20, &[20..30, 0..10]), vec![10..20]);
+        assert_eq!(left([10, 20], &[[0, 100], [5, 6]]), Vec::<[u64; 2]>::new());
+        assert_eq!(left([10, 20], &[[20, 30], [0, 10]]), vec![[10, 20]]);
     }
 
     /// A frame that failed its check is discarded while its bytes are still waiting to be
