@@ -693,7 +693,11 @@ fn tampered_upstream_bundle_is_never_served_as_complete() {
 fn dir_bytes(p: &Path) -> u64 {
     let mut n = 0;
     for e in std::fs::read_dir(p).unwrap().flatten() {
-        let m = e.metadata().unwrap();
+        // serve renames and removes its temporary files while this walks: a file gone
+        // between the listing and its metadata holds nothing.
+        let Ok(m) = e.metadata() else {
+            continue;
+        };
         n += if m.is_dir() {
             dir_bytes(&e.path())
         } else {
