@@ -7,10 +7,11 @@
 //! two cost bytes from the source, and they are fetched together, in bundle order: from a file
 //! or an HTTP URL by ranges, from a pipe by reading past what is not needed.
 //!
-//! Threads: a feeder obtains compressed bytes and hands out work, workers decode and verify,
-//! and the caller's thread writes verified chunks at their offsets and checkpoints progress.
-//! All are detached and own what they use: a failure returns at once even while the source is
-//! stalled. Buffers come from fixed pools, so memory stays flat in bundle size.
+//! Threads: a feeder obtains compressed bytes and hands out work; workers decode, verify and
+//! write each chunk at its offset; the caller's thread syncs and checkpoints progress. All are
+//! detached and own what they use: a failure returns at once even while the source is
+//! stalled. Memory is flat in bundle size and small next to the 4 MiB chunks: one
+//! compressed-frame buffer and one chunk buffer per worker, nothing else per chunk.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -286,7 +287,8 @@ enum Work {
 
 /// What comes back.
 enum Done {
-    Chunk(usize, usize, AlignedBuf),
+    /// Verified and written (not yet synced).
+    Written(usize, usize),
     /// A local copy or delta did not reproduce the chunk: fetch its full frame instead.
     Mismatch(usize, usize, String),
     /// The feeder is finished; a source that can be read again comes back for another pass.
@@ -326,16 +328,11 @@ pub fn run(
     let mut report = RunReport::default();
     let total: u64 = m.payloads.iter().map(|p| p.size).sum();
     let mut written = plan.summary.reused_target;
-    let zero_len = m
-        .payloads
-        .iter()
-        .filter(|p| p.chunk_size.is_some())
-        .flat_map(|p| p.chunks.iter().filter(|c| c.clen == 0).map(|c| c.len))
-        .max()
-        .unwrap_or(0);
-    let zeros = AlignedBuf::new(zero_len as usize);
+    // Zeros are written in pieces from one small buffer: a chunk-sized one would cost as
+    // much memory as a worker's.
+    let zeros = AlignedBuf::new(ZERO_PIECE);
     // Crash tests stop dead after N chunks written, zeros included (feature failpoints only).
-    let mut fail_after = crate::failpoint::chunk_countdown();
+    let fail_after = Countdown::new();
     // (chunks, bytes, time) since the last checkpoint.
     let mut since_checkpoint = (0usize, 0u64, Instant::now());
 
@@ -345,8 +342,14 @@ pub fn run(
             if *h == How::Zero {
                 let c = &m.payloads[pi].chunks[i];
                 let p = &m.payloads[pi];
-                fail_after();
-                inp.outs[pi].write_at(p.chunk_start(i), &zeros.as_slice()[..c.len as usize])?;
+                fail_after.tick();
+                let (start, len) = (p.chunk_start(i), u64::from(c.len));
+                let mut at = 0;
+                while at < len {
+                    let n = (len - at).min(ZERO_PIECE as u64);
+                    inp.outs[pi].write_at(start + at, &zeros.as_slice()[..n as usize])?;
+                    at += n;
+                }
                 done[pi].push(i as u32);
                 written += u64::from(c.len);
             }
@@ -395,7 +398,7 @@ pub fn run(
                 "chunks that could not be rebuilt locally must be fetched, and the source (a pipe) is already read: run apply again".into(),
             ));
         };
-        let rx = start(inp, work, f, workers, fetched.clone())?;
+        let rx = start(inp, work, f, workers, fetched.clone(), fail_after.clone())?;
         let mut left = n_results;
         let mut fed = false;
         while left > 0 || !fed {
@@ -404,12 +407,8 @@ pub fn run(
                     fed = true;
                     fetcher = back;
                 }
-                Ok(Ok(Done::Chunk(pi, i, buf))) => {
-                    let p = &m.payloads[pi];
-                    let len = p.chunks[i].len as usize;
-                    fail_after();
-                    inp.outs[pi].write_at(p.chunk_start(i), &buf.as_slice()[..len])?;
-                    let _ = rx.free_out.send(buf);
+                Ok(Ok(Done::Written(pi, i))) => {
+                    let len = m.payloads[pi].chunks[i].len as usize;
                     done[pi].push(i as u32);
                     written += len as u64;
                     left -= 1;
@@ -551,7 +550,6 @@ fn work_list(inp: &Inputs, how: &[Vec<How>]) -> (Vec<Item>, usize) {
 
 struct Running {
     done: Receiver<Result<Done>>,
-    free_out: Sender<AlignedBuf>,
     // Dropped with this struct: workers see it disconnect and stop.
     _cancel: Sender<()>,
 }
@@ -562,6 +560,7 @@ fn start(
     fetcher: Fetcher,
     workers: usize,
     fetched: Arc<std::sync::atomic::AtomicU64>,
+    fail_after: Countdown,
 ) -> Result<Running> {
     let m = inp.manifest.clone();
     let workers = workers.max(1);
@@ -571,18 +570,30 @@ fn start(
         .flat_map(|p| p.chunks.iter().map(|c| c.len))
         .max()
         .unwrap_or(0) as usize;
-    // Out buffers: one per worker, one being written. In buffers: one being filled, one per
-    // worker. With 4 MiB chunks that is the bulk of the memory an apply uses.
-    let pool = workers + 1;
-    let (free_out_tx, free_out_rx) = bounded::<AlignedBuf>(pool);
-    for _ in 0..pool {
-        free_out_tx
-            .send(AlignedBuf::new(max_out))
+    // Compressed frames: one buffer per worker, the feeder fills whichever is free. A worker
+    // gives its frame back as soon as it is decoded, before writing, so the feeder keeps
+    // ahead. With 4 MiB chunks these and the workers' chunk buffers are the bulk of the
+    // memory an apply uses.
+    // Each is reserved once at the largest frame: growing on demand would copy, and could
+    // leave the allocator holding more than the frames need.
+    let max_in = m
+        .payloads
+        .iter()
+        .flat_map(|p| {
+            let chunks = p.chunks.iter().map(|c| c.clen);
+            let frames = p
+                .deltas
+                .iter()
+                .flat_map(|d| d.frames.iter().map(|f| f.clen));
+            chunks.chain(frames)
+        })
+        .max()
+        .unwrap_or(0) as usize;
+    let (free_in_tx, free_in_rx) = bounded::<Vec<u8>>(workers);
+    for _ in 0..workers {
+        free_in_tx
+            .send(Vec::with_capacity(max_in))
             .expect("fresh pool");
-    }
-    let (free_in_tx, free_in_rx) = bounded::<Vec<u8>>(workers + 1);
-    for _ in 0..workers + 1 {
-        free_in_tx.send(Vec::new()).expect("fresh pool");
     }
     let (work_tx, work_rx) = bounded::<Work>(workers);
     let (done_tx, done_rx) = unbounded::<Result<Done>>();
@@ -617,9 +628,9 @@ fn start(
         let work_rx = work_rx.clone();
         let done_tx = done_tx.clone();
         let free_in_tx = free_in_tx.clone();
-        let free_out_rx = free_out_rx.clone();
-        let free_out_tx = free_out_tx.clone();
         let cancel_rx = cancel_rx.clone();
+        let outs = inp.outs.clone();
+        let fail_after = fail_after.clone();
         let m = m.clone();
         let base = inp.base.clone();
         let delta_gate = delta_gate.clone();
@@ -634,6 +645,13 @@ fn start(
                         let _ = done_tx.send(Err(Error::io("creating zstd decompressor", e)));
                         return;
                     }
+                };
+                // This worker's chunk buffer, touched only once a chunk needs it.
+                let mut out = AlignedBuf::new(max_out);
+                let w = Writer {
+                    outs: &outs,
+                    fail_after: &fail_after,
+                    done: &done_tx,
                 };
                 while let Some(work) = recv_or_cancel(&work_rx, &cancel_rx) {
                     // The bytes a frame came from, to forget them if they fail their check.
@@ -650,22 +668,13 @@ fn start(
                     };
                     let r = match work {
                         Work::Full(pi, i, compressed) => {
-                            let r =
-                                full(&m, &mut dec, pi, i, &compressed, &free_out_rx, &cancel_rx);
+                            let r = full(&m, &mut dec, pi, i, &compressed, &mut out);
                             let _ = free_in_tx.send(compressed);
-                            r.map(|d| vec![d])
+                            r.and_then(|()| w.write(&m, pi, i, &out)).map(|d| vec![d])
                         }
-                        Work::Local(pi, i, at) => local(
-                            &m,
-                            base.as_deref(),
-                            pi,
-                            i,
-                            at,
-                            &free_out_rx,
-                            &free_out_tx,
-                            &cancel_rx,
-                        )
-                        .map(|d| vec![d]),
+                        Work::Local(pi, i, at) => {
+                            local(&m, base.as_deref(), pi, i, at, &mut out, &w).map(|d| vec![d])
+                        }
                         Work::Delta(pi, d, f, compressed, wanted) => {
                             let _one = delta_gate.lock().unwrap_or_else(|e| e.into_inner());
                             let r = delta(
@@ -674,10 +683,8 @@ fn start(
                                 (pi, d, f),
                                 &wanted,
                                 &compressed,
-                                &free_out_rx,
-                                &free_out_tx,
-                                &cancel_rx,
-                                &done_tx,
+                                &mut out,
+                                &w,
                             );
                             let _ = free_in_tx.send(compressed);
                             r
@@ -709,7 +716,6 @@ fn start(
     }
     Ok(Running {
         done: done_rx,
-        free_out: free_out_tx,
         _cancel: cancel_tx,
     })
 }
@@ -872,9 +878,42 @@ fn with_bytes(w: Work, buf: Vec<u8>) -> Work {
     }
 }
 
-fn out_buffer(free: &Receiver<AlignedBuf>, cancel: &Receiver<()>) -> Result<AlignedBuf> {
-    recv_or_cancel(free, cancel)
-        .ok_or_else(|| Error::io("decoding", std::io::Error::other("stopped")))
+/// Zeros are written this much at a time.
+const ZERO_PIECE: usize = 1 << 20;
+
+/// The crash tests' "stop after N chunks written", shared by the threads that write.
+#[derive(Clone)]
+struct Countdown(Arc<std::sync::Mutex<Box<dyn FnMut() + Send>>>);
+
+impl Countdown {
+    fn new() -> Self {
+        Countdown(Arc::new(std::sync::Mutex::new(Box::new(
+            crate::failpoint::chunk_countdown(),
+        ))))
+    }
+    fn tick(&self) {
+        (self.0.lock().unwrap_or_else(|e| e.into_inner()))();
+    }
+}
+
+/// Where a worker puts a verified chunk.
+struct Writer<'a> {
+    outs: &'a [Arc<PosWriter>],
+    fail_after: &'a Countdown,
+    done: &'a Sender<Result<Done>>,
+}
+
+impl Writer<'_> {
+    /// Write verified chunk `(pi, i)` from `buf` (the chunk's length of it).
+    fn write(&self, m: &Manifest, pi: usize, i: usize, buf: &AlignedBuf) -> Result<Done> {
+        let p = &m.payloads[pi];
+        self.fail_after.tick();
+        self.outs[pi].write_at(
+            p.chunk_start(i),
+            &buf.as_slice()[..p.chunks[i].len as usize],
+        )?;
+        Ok(Done::Written(pi, i))
+    }
 }
 
 fn full(
@@ -883,12 +922,10 @@ fn full(
     pi: usize,
     i: usize,
     compressed: &[u8],
-    free_out: &Receiver<AlignedBuf>,
-    cancel: &Receiver<()>,
-) -> Result<Done> {
+    out: &mut AlignedBuf,
+) -> Result<()> {
     let p = &m.payloads[pi];
     let c = &p.chunks[i];
-    let mut out = out_buffer(free_out, cancel)?;
     decode_chunk_into(
         dec,
         c,
@@ -898,8 +935,7 @@ fn full(
     .map_err(|what| Error::Tampered {
         payload: p.name.clone(),
         what: format!("chunk {i} {what}"),
-    })?;
-    Ok(Done::Chunk(pi, i, out))
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -909,20 +945,17 @@ fn local(
     pi: usize,
     i: usize,
     at: u64,
-    free_out: &Receiver<AlignedBuf>,
-    give_back: &Sender<AlignedBuf>,
-    cancel: &Receiver<()>,
+    out: &mut AlignedBuf,
+    w: &Writer,
 ) -> Result<Done> {
     let c = &m.payloads[pi].chunks[i];
     let base = base.expect("local copies come from the running slot");
-    let mut out = out_buffer(free_out, cancel)?;
     let buf = &mut out.as_mut_slice()[..c.len as usize];
     let why = match base.file.read_exact_at(buf, at) {
         Err(e) => format!("reading the running slot: {e}"),
-        Ok(()) if blake3::hash(buf).as_bytes() == &c.hash.0 => return Ok(Done::Chunk(pi, i, out)),
+        Ok(()) if blake3::hash(buf).as_bytes() == &c.hash.0 => return w.write(m, pi, i, out),
         Ok(()) => "the running slot's chunk changed".into(),
     };
-    let _ = give_back.send(out);
     Ok(Done::Mismatch(pi, i, why))
 }
 
@@ -936,10 +969,8 @@ fn delta(
     (pi, di, f): (usize, usize, usize),
     wanted: &[usize],
     compressed: &[u8],
-    free_out: &Receiver<AlignedBuf>,
-    give_back: &Sender<AlignedBuf>,
-    cancel: &Receiver<()>,
-    done: &Sender<Result<Done>>,
+    out: &mut AlignedBuf,
+    w: &Writer,
 ) -> Result<Vec<Done>> {
     let p = &m.payloads[pi];
     let d = &p.deltas[di];
@@ -995,7 +1026,6 @@ fn delta(
             lit_at += (runs.literal_blocks(first, first + blocks) * block) as usize;
             continue;
         }
-        let mut out = out_buffer(free_out, cancel)?;
         let buf = &mut out.as_mut_slice()[..c.len as usize];
         let mut ok = Ok(());
         let mut b = first;
@@ -1031,15 +1061,13 @@ fn delta(
         });
         match verdict {
             Ok(()) => {
-                // Hand each chunk over as soon as it is done: the pool holds few buffers.
-                if done.send(Ok(Done::Chunk(pi, i, out))).is_err() {
+                // Reported as soon as it is written: the buffer serves the next chunk.
+                let d = w.write(m, pi, i, out)?;
+                if w.done.send(Ok(d)).is_err() {
                     return Ok(out_list);
                 }
             }
-            Err(why) => {
-                let _ = give_back.send(out);
-                out_list.push(Done::Mismatch(pi, i, why));
-            }
+            Err(why) => out_list.push(Done::Mismatch(pi, i, why)),
         }
     }
     Ok(out_list)
