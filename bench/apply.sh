@@ -31,16 +31,22 @@ make_image() { # size_mib out
 
 make_image 1024 "$work/image-1g.img"
 make_image 256 "$work/image-256m.img"
-# Bundles as shipped (format 2: 4 MiB chunks, zstd -19); rebuilt only when the image or the
-# builder changed (zstd -19 of 1 GiB takes minutes).
-for s in 1g 256m; do
-  stamp="$(stat -c '%s %Y' "$work/image-$s.img" "$img_tool")"
-  if [ ! -f "$work/bundle-$s.eota" ] || [ "$(cat "$work/bundle-$s.eota.stamp" 2>/dev/null)" != "$stamp" ]; then
-    "$img_tool" bundle create --out "$work/bundle-$s.eota" --compatible bench --version 1.0.0 \
-      --security-version 1 --key "$key" --image "$work/image-$s.img" --created 0 >/dev/null
-    echo "$stamp" > "$work/bundle-$s.eota.stamp"
+# Bundles as shipped (format 2: 4 MiB chunks, zstd -19), and the 1 GiB image as format 1
+# (64 KiB content-defined chunks: what this benchmark measured before format 2, so the same
+# code can be compared on the same bundle format). Rebuilt only when the image or the builder
+# changed (zstd -19 of 1 GiB takes minutes).
+bundle() { # image-size format out
+  local stamp
+  stamp="$(stat -c '%s %Y' "$work/image-$1.img" "$img_tool")"
+  if [ ! -f "$3" ] || [ "$(cat "$3.stamp" 2>/dev/null)" != "$stamp" ]; then
+    "$img_tool" bundle create --out "$3" --compatible bench --version 1.0.0 --format "$2" \
+      --security-version 1 --key "$key" --image "$work/image-$1.img" --created 0 >/dev/null
+    echo "$stamp" > "$3.stamp"
   fi
-done
+}
+bundle 1g 2 "$work/bundle-1g.eota"
+bundle 256m 2 "$work/bundle-256m.eota"
+bundle 1g 1 "$work/bundle-1g-f1.eota"
 
 truncate -s 1100M "$work/target.img"
 loop=$(losetup -f --show "$work/target.img")
@@ -72,7 +78,7 @@ now() { date +%s.%N; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
-dd_times=() apply_times=()
+dd_times=() apply_times=() f1_times=()
 for i in $(seq "$runs"); do
   drop_caches; t0=$(now)
   dd if="$work/image-1g.img" of="$loop" bs=4M oflag=direct conv=fsync status=none
@@ -80,10 +86,14 @@ for i in $(seq "$runs"); do
   drop_caches; t0=$(now)
   "$ota" --config "$work/config.toml" apply --no-reboot -q "$work/bundle-1g.eota" >/dev/null
   t1=$(now); apply_times+=("$(echo "$t1 - $t0" | bc)")
-  echo "run $i: dd ${dd_times[-1]} s, apply ${apply_times[-1]} s"
+  drop_caches; t0=$(now)
+  "$ota" --config "$work/config.toml" apply --no-reboot -q "$work/bundle-1g-f1.eota" >/dev/null
+  t1=$(now); f1_times+=("$(echo "$t1 - $t0" | bc)")
+  echo "run $i: dd ${dd_times[-1]} s, apply ${apply_times[-1]} s, apply format 1 ${f1_times[-1]} s"
 done
 dd_med=$(printf '%s\n' "${dd_times[@]}" | median)
 apply_med=$(printf '%s\n' "${apply_times[@]}" | median)
+f1_med=$(printf '%s\n' "${f1_times[@]}" | median)
 
 rss() { # bundle -> peak RSS in MiB
   drop_caches
@@ -92,7 +102,10 @@ rss() { # bundle -> peak RSS in MiB
 }
 rss_1g=$(rss "$work/bundle-1g.eota")
 rss_256=$(rss "$work/bundle-256m.eota")
+rss_f1=$(rss "$work/bundle-1g-f1.eota")
 bundle_mib=$(( $(stat -c %s "$work/bundle-1g.eota") >> 20 ))
+f1_mib=$(( $(stat -c %s "$work/bundle-1g-f1.eota") >> 20 ))
 echo "image 1024 MiB, bundle ${bundle_mib} MiB; median of $runs: dd ${dd_med} s, apply ${apply_med} s (apply includes read-back verification)"
+echo "format 1 bundle (64 KiB chunks) ${f1_mib} MiB: apply ${f1_med} s, apply/dd time ratio: $(printf "%.2f" "$(echo "scale=4; $f1_med / $dd_med" | bc)"); peak RSS: $rss_f1 MiB"
 ratio=$(printf "%.2f" "$(echo "scale=4; $apply_med / $dd_med" | bc)")
 echo "apply/dd time ratio: $ratio; peak RSS: $rss_1g MiB (256 MiB image: $rss_256 MiB)"

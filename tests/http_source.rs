@@ -8,7 +8,6 @@
 #![allow(clippy::single_range_in_vec_init)]
 
 use std::ops::Range;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use edge_ota::source::http::{HttpOptions, HttpSource, RangeSupport};
@@ -567,19 +566,6 @@ fn low_speed_link_is_reconnected() {
     assert!(c.last_error.unwrap_or_default().contains("too slow"));
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn https_with_extra_ca_and_client_cert() {
     let test = "https_with_extra_ca_and_client_cert";
@@ -596,82 +582,7 @@ fn https_with_extra_ca_and_client_cert() {
     let data = random_bytes(300_000, 3);
     std::fs::create_dir(d.join("www")).unwrap();
     std::fs::write(d.join("www/bundle.bin"), &data).unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    openssl(
-        d,
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=edge-ota test CA",
-            ],
-        ]
-        .concat(),
-    );
-    for (name, ext) in [
-        (
-            "server",
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        ),
-        ("client", "extendedKeyUsage=clientAuth\n"),
-    ] {
-        std::fs::write(d.join(format!("{name}.ext")), ext).unwrap();
-        let (key, csr, pem, extf) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        openssl(
-            d,
-            &[
-                &["req"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    &key,
-                    "-out",
-                    &csr,
-                    "-subj",
-                    &format!("/CN=edge-ota test {name}"),
-                ],
-            ]
-            .concat(),
-        );
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &extf,
-            ],
-        );
-    }
+    edge_ota_testkit::pki::make(d).unwrap();
     let nginx = Nginx::start_tls(
         &d.join("www"),
         NginxTls {

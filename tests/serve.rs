@@ -249,6 +249,57 @@ fn leaf_applies_through_serve_fetching_each_byte_once() {
 }
 
 #[test]
+fn https_serve_is_trusted_only_through_the_configured_ca() {
+    let test = "https_serve_is_trusted_only_through_the_configured_ca";
+    if edge_ota::testing::find_tool("openssl").is_none() {
+        edge_ota::testing::skip(test, "openssl not installed");
+        return;
+    }
+    let dev = Device::new(2 << 20);
+    let (dir, b) = served_dir(&dev);
+    let pki = tempfile::tempdir().unwrap();
+    edge_ota_testkit::pki::make(pki.path()).unwrap();
+    let p = |f: &str| pki.path().join(f).display().to_string();
+    let serve = Serve::start(
+        dir.path(),
+        &format!(
+            "tls_cert = {:?}\ntls_key = {:?}",
+            p("server.pem"),
+            p("server.key")
+        ),
+        &[],
+    );
+    let url = format!("https://{}/b.eota", serve.addr);
+    // A leaf that does not trust the certificate: refused at once, nothing changed.
+    dev.edit_config(|c| c + "[network]\nmax_attempts = 2\nbackoff_base_secs = 0.1\n");
+    let before = dev.snapshot();
+    let o = dev.run(&["apply", "--no-reboot", &url]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
+    assert_eq!(
+        before,
+        dev.snapshot(),
+        "an untrusted server changed the device"
+    );
+    // Trusting the CA: the update goes through, each byte once.
+    let ca = p("ca.pem");
+    dev.edit_config(|c| c.replace("[network]\n", &format!("[network]\nca_file = {ca:?}\n")));
+    let o = dev.run(&["--json", "apply", "--no-reboot", &url]);
+    ok(&o);
+    installed(&dev, &image_bytes(1 << 20, 3));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let fetched = r["bytes_fetched"].as_u64().unwrap();
+    let size = std::fs::metadata(&b).unwrap().len();
+    assert!(
+        fetched > 0 && fetched <= size,
+        "{fetched} payload bytes fetched from a {size}-byte bundle"
+    );
+    // The port speaks only TLS: a plain request gets no HTTP answer.
+    let raw = exchange(serve.addr, b"GET /b.eota HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(!raw.starts_with(b"HTTP/"), "served in clear text");
+}
+
+#[test]
 fn get_and_head_carry_the_bundle_id_as_a_strong_etag() {
     let dev = Device::new(2 << 20);
     let (dir, b) = served_dir(&dev);

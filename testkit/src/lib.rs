@@ -1,9 +1,11 @@
 //! Test tools for edge-ota's network tests, its QEMU tests and `bench/link.sh`: a
-//! fault-injecting HTTP proxy ([`proxy`]) and a real origin server ([`Nginx`]).
+//! fault-injecting HTTP proxy ([`proxy`]), a real origin server ([`Nginx`]) and a throwaway
+//! TLS PKI ([`pki`]).
 //!
 //! The origin is Debian's nginx on purpose: single and multiple ranges, `If-Range` and
 //! `ETag` as a real server implements them, not as a test author imagines them.
 
+pub mod pki;
 pub mod proxy;
 
 pub use proxy::{Faults, Proxy, ProxyStats};
