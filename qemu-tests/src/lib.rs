@@ -1,12 +1,13 @@
 //! Harness for the QEMU end-to-end tests: a VM on a serial console ([`Vm`]), the images it
 //! boots ([`artifacts`]), host-side inspection of its disk between boots ([`disk`]), and the
 //! power-loss checker: write logs of a VM's disk ([`blklog`]) and their crash states judged
-//! on the host ([`crashcheck`]).
+//! on the host ([`crashcheck`]); what the scenarios share ([`scenario`]).
 
 pub mod artifacts;
 pub mod blklog;
 pub mod crashcheck;
 pub mod disk;
+pub mod scenario;
 pub mod vm;
 
 pub use vm::Vm;

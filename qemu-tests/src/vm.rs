@@ -34,6 +34,8 @@ pub struct VmConfig<'a> {
     /// A virtio NIC on QEMU's user network: the guest reaches the host's 127.0.0.1 as
     /// 10.0.2.2.
     pub net: bool,
+    /// A virtio NIC on this existing tap device (a LAN the test builds), with no DHCP.
+    pub tap: Option<&'a str>,
     pub log_dir: &'a Path,
     /// Record every write, discard and flush the guest makes to `disk` in this file (QEMU's
     /// `blklogwrites` driver, Linux dm-log-writes format; `qemu_tests::blklog` reads it). The
@@ -48,6 +50,7 @@ impl Default for VmConfig<'_> {
             disk: Path::new(""),
             usb: None,
             net: false,
+            tap: None,
             log_dir: Path::new(""),
             disk_log: None,
         }
@@ -114,6 +117,11 @@ impl Vm {
         }
         if cfg.net {
             cmd.args(["-nic", "user,model=virtio-net-pci"]);
+        }
+        if let Some(tap) = cfg.tap {
+            cmd.arg("-nic").arg(format!(
+                "tap,ifname={tap},script=no,downscript=no,model=virtio-net-pci"
+            ));
         }
         if let Some(usb) = cfg.usb {
             cmd.args(["-device", "qemu-xhci,id=xhci"])

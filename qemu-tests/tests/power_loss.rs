@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use qemu_tests::artifacts::{self, Artifacts};
 use qemu_tests::blklog::Log;
 use qemu_tests::crashcheck::{self, BootJob, Checker, Phase, PhaseMark, StateFile};
+use qemu_tests::scenario::{mount_usb, wait_ready_within};
 use qemu_tests::vm::{Vm, VmConfig};
 
 const BOOT: Duration = Duration::from_secs(240);
@@ -34,19 +35,6 @@ fn mark(log: &Path, phase: Phase, marks: &mut Vec<PhaseMark>) {
     marks.push(PhaseMark { phase, entries: at });
 }
 
-fn wait_ready(vm: &mut Vm, slot: &str, version: &str) {
-    vm.wait_for(&format!("edge-init: slot={slot} version={version}"), BOOT);
-    vm.wait_for("edge-init: ready", BOOT);
-    vm.ok("true", CMD);
-}
-
-fn mount_usb(vm: &mut Vm) {
-    vm.ok(
-        "i=0; while [ ! -b /dev/sda ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done; mount -t vfat -o ro /dev/sda /media/usb",
-        CMD,
-    );
-}
-
 /// Record the whole update with every write and flush logged: returns the phase marks.
 fn record(a: &Artifacts, disk: &Path, usb: &Path, log: &Path) -> Vec<PhaseMark> {
     let mut marks = Vec::new();
@@ -58,13 +46,13 @@ fn record(a: &Artifacts, disk: &Path, usb: &Path, log: &Path) -> Vec<PhaseMark> 
         disk_log: Some(log),
         ..VmConfig::default()
     });
-    wait_ready(&mut vm, "A", "1.0.0");
+    wait_ready_within(&mut vm, "A", "1.0.0", BOOT);
     mount_usb(&mut vm);
     mark(log, Phase::Apply, &mut marks);
     vm.send("edge-ota apply /media/usb/image.bin");
     vm.wait_for("edge-grub: booting B", BOOT);
     mark(log, Phase::FirstBootOfB, &mut marks);
-    wait_ready(&mut vm, "B", "2.0.0");
+    wait_ready_within(&mut vm, "B", "2.0.0", BOOT);
     // The boot environment's second copy zeroed and the state file garbled, durably: what a
     // bad sector or an operator leaves; `edge-ota repair` must put both back.
     mark(log, Phase::Damage, &mut marks);

@@ -7,20 +7,9 @@ use std::time::{Duration, Instant};
 
 use qemu_tests::artifacts::{self, Artifacts};
 use qemu_tests::disk;
+use qemu_tests::require_qemu;
+use qemu_tests::scenario::{mount_usb, slot_boot_state, timed, wait_ready, BOOT, CMD};
 use qemu_tests::vm::{Vm, VmConfig};
-
-const BOOT: Duration = Duration::from_secs(180);
-const CMD: Duration = Duration::from_secs(120);
-
-/// Skip (with the reason printed) where QEMU or root is missing; CI has both.
-macro_rules! require_qemu {
-    ($name:expr) => {
-        if let Some(why) = qemu_tests::skip_reason() {
-            edge_ota::testing::skip($name, &why);
-            return;
-        }
-    };
-}
 
 fn start(a: &Artifacts, name: &str, disk: &Path, usb: &Path) -> Vm {
     Vm::start(&VmConfig {
@@ -28,6 +17,7 @@ fn start(a: &Artifacts, name: &str, disk: &Path, usb: &Path) -> Vm {
         disk,
         usb: Some(usb),
         net: false,
+        tap: None,
         log_dir: &a.work.join("logs"),
         disk_log: None,
     })
@@ -39,54 +29,10 @@ fn start_networked(a: &Artifacts, name: &str, disk: &Path) -> Vm {
         disk,
         usb: None,
         net: true,
+        tap: None,
         log_dir: &a.work.join("logs"),
         disk_log: None,
     })
-}
-
-/// Wait for slot `slot` running `version` to pass its health gate and offer a shell.
-fn wait_ready(vm: &mut Vm, slot: &str, version: &str) {
-    vm.wait_for(&format!("edge-init: slot={slot} version={version}"), BOOT);
-    vm.wait_for("edge-init: ready", BOOT);
-    // The shell may still be starting: a round trip proves it reads input.
-    vm.ok("true", CMD);
-}
-
-fn mount_usb(vm: &mut Vm) {
-    // The stick shows up a little after boot on the emulated xHCI bus.
-    vm.ok(
-        "i=0; while [ ! -b /dev/sda ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done; mount -t vfat -o ro /dev/sda /media/usb",
-        CMD,
-    );
-}
-
-fn slot_boot_state(status: &serde_json::Value, slot: &str) -> String {
-    status["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == slot)
-        .map(|s| s["boot"]["state"].as_str().unwrap().to_string())
-        .unwrap()
-}
-
-/// Run a scenario and append its wall time to `<work>/timings.txt` (printed by
-/// scripts/test.sh as the per-scenario summary; libtest would capture our output).
-fn timed(name: &str, f: impl FnOnce()) {
-    // Image building (once per run, shared) is not part of any scenario's time.
-    let work = &artifacts::get().work;
-    let t = Instant::now();
-    f();
-    let line = format!("{name}: {:.1} s\n", t.elapsed().as_secs_f64());
-    eprint!("scenario {line}");
-    use std::io::Write;
-    let path = work.join("timings.txt");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    file.write_all(line.as_bytes()).unwrap();
 }
 
 /// Apply v2 from the stick, let it reboot into B and confirm.

@@ -24,6 +24,7 @@ fn main() {
         disk: &disk,
         usb: Some(&usb),
         net: false,
+        tap: None,
         log_dir: &a.work.join("logs"),
         disk_log: None,
     });
