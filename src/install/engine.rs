@@ -447,11 +447,14 @@ pub fn run(
                 reused: plan.summary.reused,
                 ..Default::default()
             });
-            // A kill or power cut loses at most about this much written work: 8 chunks,
-            // 1 MiB or a second (a 4 MiB chunk is checkpointed on its own), each costing an
-            // fsync of the slot and an atomic state write.
+            // A kill or power cut loses at most about this much written work: 16 MiB or a
+            // second, whichever comes first. Each checkpoint costs an fsync of the slot and
+            // an atomic state write, so it is bounded by bytes, not by chunks (format 1's
+            // 64 KiB chunks would checkpoint thousands of times per GiB). Lost work is
+            // rewritten from the spool, not fetched again: frames leave it only once their
+            // chunks are checkpointed.
             let (n, bytes, since) = since_checkpoint;
-            if n > 0 && (n >= 8 || bytes >= 1 << 20 || since.elapsed() >= Duration::from_secs(1)) {
+            if n > 0 && (bytes >= CHECKPOINT_BYTES || since.elapsed() >= Duration::from_secs(1)) {
                 for o in &inp.outs {
                     o.sync()?;
                 }
@@ -877,6 +880,9 @@ fn with_bytes(w: Work, buf: Vec<u8>) -> Work {
         other => other,
     }
 }
+
+/// Written bytes between two checkpoints, at most (or one second).
+const CHECKPOINT_BYTES: u64 = 16 << 20;
 
 /// Zeros are written this much at a time.
 const ZERO_PIECE: usize = 1 << 20;
