@@ -10,6 +10,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use edge_ota_testkit::ip;
 use qemu_tests::artifacts;
 use qemu_tests::require_qemu;
 use qemu_tests::scenario::{slot_boot_state, timed, wait_ready, BOOT, CMD};
@@ -32,16 +33,6 @@ impl Drop for Tap {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["link", "del", &self.0]).status();
     }
-}
-
-fn ip(args: &[&str]) {
-    let o = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 /// A child process killed on drop.

@@ -236,3 +236,15 @@ impl Drop for Nginx {
         self.stop();
     }
 }
+
+/// Run `ip ARGS` (iproute2) for a test's network set-up; panics with its error output when it
+/// fails, since nothing after it could be meaningful.
+pub fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
