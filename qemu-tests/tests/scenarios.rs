@@ -30,6 +30,7 @@ fn start(a: &Artifacts, name: &str, disk: &Path, usb: &Path) -> Vm {
         net: false,
         log_dir: &a.work.join("logs"),
         disk_log: None,
+        ..VmConfig::default()
     })
 }
 
@@ -41,6 +42,7 @@ fn start_networked(a: &Artifacts, name: &str, disk: &Path) -> Vm {
         net: true,
         log_dir: &a.work.join("logs"),
         disk_log: None,
+        ..VmConfig::default()
     })
 }
 

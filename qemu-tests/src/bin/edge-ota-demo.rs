@@ -26,6 +26,7 @@ fn main() {
         net: false,
         log_dir: &a.work.join("logs"),
         disk_log: None,
+        ..VmConfig::default()
     });
     let boot = Duration::from_secs(300);
     vm.wait_for("edge-init: ready", boot);
