@@ -155,11 +155,15 @@ log "ready"
 shutdown_now() {
 	log "$1"
 	if [ -n "$agent_pid" ]; then
-		# The wrapper first, so nothing restarts the agent, then the agent (before containerd,
-		# which it may be using); its state is persisted before every step, so stopping it
-		# anywhere is safe.
+		# The wrapper stops the agent with itself (before containerd, which the agent may be
+		# using); the agent's state is persisted before every step, so stopping it anywhere is
+		# safe.
 		kill "$agent_pid" 2>/dev/null
-		pkill -f 'edge-ota agent run'
+		i=0
+		while kill -0 "$agent_pid" 2>/dev/null && [ $i -lt 20 ]; do
+			sleep 0.2
+			i=$((i + 1))
+		done
 	fi
 	if [ -n "$ctrd_pid" ]; then
 		kill "$ctrd_pid" 2>/dev/null
