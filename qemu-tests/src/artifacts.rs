@@ -12,6 +12,13 @@ use edge_ota_format::build::oci;
 /// The guest's product string; bundles for anything else are refused.
 pub const COMPATIBLE: &str = "edge-os-x86_64-qemu";
 
+/// The guest agent's Prometheus endpoint (inside the guest).
+pub const AGENT_METRICS_PORT: u16 = 9101;
+/// The desired-state file the guest agent watches.
+pub const AGENT_DESIRED_FILE: &str = "/var/lib/edge-ota/desired.yaml";
+/// Created on the data partition, it makes the guest's init start the agent.
+pub const AGENT_ENABLED_FILE: &str = "/lib/edge-ota/agent.enabled";
+
 pub struct Artifacts {
     pub work: PathBuf,
     /// Disk with slot A = v1 (good), slot B empty (bad).
@@ -32,6 +39,9 @@ pub struct Artifacts {
     pub bundle_hang: PathBuf,
     /// v1.5 with security version 1: a downgrade once v2 is confirmed.
     pub bundle_downgrade: PathBuf,
+    /// v2 whose container image archive containerd cannot import (its layer is not a tar),
+    /// while the bundle itself is signed and well-formed.
+    pub bundle_bad_images: PathBuf,
     /// v2 with one payload byte flipped.
     pub bundle_tampered: PathBuf,
     /// v2 with one manifest byte flipped (its signature no longer verifies).
@@ -113,6 +123,25 @@ command = ["/usr/bin/edge-ota", "status"]
 [containerd]
 address = "/run/containerd/containerd.sock"
 snapshotter = "native"
+
+# Used only where the data partition enables the agent (init starts it when
+# /var/lib/edge-ota/agent.enabled exists): tests/agent.rs.
+[agent]
+metrics = "127.0.0.1:{AGENT_METRICS_PORT}"
+desired_file = "{AGENT_DESIRED_FILE}"
+# One attempt per scenario: a retry would start while the test still looks at the failure.
+retry_secs = 3600
+retry_max_secs = 3600
+
+[agent.reboot]
+# Through init (busybox reboot signals PID 1): containerd stopped, /var unmounted, as a
+# person's `reboot` does.
+command = ["/bin/busybox", "reboot"]
+
+[agent.media]
+# A stick with a newer bundle for this device is applied at once, with nobody typing.
+mode = "now"
+poll_secs = 1
 "#
     )
 }
@@ -314,6 +343,20 @@ fn build() -> Artifacts {
         "2",
         &[],
     );
+    broken_layer_archive(
+        &work.join("k8s-images.tar"),
+        &work.join("k8s-images-bad.tar"),
+    );
+    bundle(
+        "v2-bad-images.eota",
+        "rootfs-v2.img",
+        "2.0.0",
+        "2",
+        &[
+            "--payload",
+            "container-images:k8s-images.tar:k8s-images-bad.tar",
+        ],
+    );
     bundle("v2-panic.eota", "rootfs-v2-panic.img", "2.0.0", "2", &[]);
     bundle("v2-hang.eota", "rootfs-v2-hang.img", "2.0.0", "2", &[]);
     bundle("v1.5-downgrade.eota", "rootfs-v1.5.img", "1.5.0", "1", &[]);
@@ -340,6 +383,7 @@ fn build() -> Artifacts {
         container_images: work.join("k8s-images.tar"),
         container_image,
         bundle_health_fail: work.join("v2-health-fail.eota"),
+        bundle_bad_images: work.join("v2-bad-images.eota"),
         bundle_panic: work.join("v2-panic.eota"),
         bundle_hang: work.join("v2-hang.eota"),
         bundle_downgrade: work.join("v1.5-downgrade.eota"),
@@ -347,6 +391,55 @@ fn build() -> Artifacts {
         bundle_tampered_manifest: work.join("v2-tampered-manifest.eota"),
         work,
     }
+}
+
+/// Copy the OCI archive `good` to `out` with its layer replaced by bytes that are not a tar,
+/// the manifest and index rewritten to the new digests: every name and digest checks out (the
+/// bundle builder and the device's index accept it), but containerd fails to unpack it, as it
+/// would a release whose image build went wrong.
+fn broken_layer_archive(good: &Path, out: &Path) {
+    use sha2::{Digest, Sha256};
+    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let blob = |digest: &str| format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+    let mut members = std::collections::BTreeMap::new();
+    let mut ar = tar::Archive::new(std::fs::File::open(good).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.header().entry_type().is_file() {
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut bytes).unwrap();
+            members.insert(name, bytes);
+        }
+    }
+    let json = |b: &[u8]| -> serde_json::Value { serde_json::from_slice(b).unwrap() };
+    let mut index = json(&members["index.json"]);
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut manifest = json(&members[&blob(&manifest_digest)]);
+    let layer = b"not a tar archive: this image's build went wrong\n".to_vec();
+    members.remove(&blob(manifest["layers"][0]["digest"].as_str().unwrap()));
+    manifest["layers"][0]["digest"] = sha(&layer).into();
+    manifest["layers"][0]["size"] = layer.len().into();
+    members.insert(blob(&sha(&layer)), layer);
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    members.remove(&blob(&manifest_digest));
+    index["manifests"][0]["digest"] = sha(&manifest).into();
+    index["manifests"][0]["size"] = manifest.len().into();
+    members.insert(blob(&sha(&manifest)), manifest);
+    members.insert("index.json".into(), serde_json::to_vec(&index).unwrap());
+    let mut tar = tar::Builder::new(std::fs::File::create(out).unwrap());
+    for (name, bytes) in &members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        tar.append_data(&mut h, name, &bytes[..]).unwrap();
+    }
+    tar.finish().unwrap();
 }
 
 impl Artifacts {

@@ -64,3 +64,52 @@ pub fn grubenv(disk: &Path, layout: &Layout) -> BTreeMap<String, String> {
         _ => unreachable!(),
     }
 }
+
+/// Write `bytes` as the file `path` (absolute inside that filesystem, its directory existing)
+/// on the ext4 partition named `label`, with the VM stopped: e2fsprogs' debugfs edits a copy
+/// of the partition, which is then put back, so no mount and no loop device is needed.
+pub fn write_ext4_file(disk: &Path, label: &str, path: &str, bytes: &[u8]) {
+    use std::io::Write;
+    let (_, off, len) = edge_ota::slot::find_partition(disk, label).unwrap();
+    let dir = tempfile_dir(disk);
+    let (fs, src) = (dir.join("fs.img"), dir.join("file"));
+    std::fs::write(&fs, partition(disk, label)).unwrap();
+    std::fs::write(&src, bytes).unwrap();
+    let debugfs = edge_ota::testing::find_tool("debugfs").expect("debugfs (e2fsprogs)");
+    // `rm` first: debugfs `write` refuses an existing file (an error here is "not found").
+    for cmd in [
+        format!("rm {path}"),
+        format!("write {} {path}", src.display()),
+    ] {
+        let out = std::process::Command::new(&debugfs)
+            .args(["-w", "-R", &cmd])
+            .arg(&fs)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "debugfs {cmd}: {out:?}");
+    }
+    let check = std::process::Command::new(&debugfs)
+        .args(["-R", &format!("cat {path}")])
+        .arg(&fs)
+        .output()
+        .unwrap();
+    assert_eq!(
+        check.stdout, bytes,
+        "debugfs did not write {path} on {label}"
+    );
+    let written = std::fs::read(&fs).unwrap();
+    assert_eq!(written.len() as u64, len);
+    let mut f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    f.seek(SeekFrom::Start(off)).unwrap();
+    f.write_all(&written).unwrap();
+    f.sync_all().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A scratch directory beside `disk` (same filesystem, cleaned by the caller).
+fn tempfile_dir(disk: &Path) -> std::path::PathBuf {
+    let dir = disk.with_extension("edit");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

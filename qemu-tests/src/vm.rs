@@ -1,7 +1,8 @@
 //! One QEMU virtual machine driven over its serial console: wait for markers, run shell
 //! commands and read their exit codes, cut the power.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -23,6 +24,7 @@ pub struct Vm {
     cursor: usize,
     commands: u32,
     pub log: PathBuf,
+    qmp: Option<PathBuf>,
 }
 
 /// How to start a VM.
@@ -41,6 +43,10 @@ pub struct VmConfig<'a> {
     /// `blklogwrites` driver, Linux dm-log-writes format; `qemu_tests::blklog` reads it). The
     /// file is created or emptied at start. `None`: the plain `cache=writeback` disk.
     pub disk_log: Option<&'a Path>,
+    /// A USB (xHCI) controller even without a stick, so one can be plugged in later.
+    pub usb_controller: bool,
+    /// QEMU's machine protocol on this Unix socket ([`Qmp`]): hot-plugging devices.
+    pub qmp: Option<&'a Path>,
 }
 
 impl Default for VmConfig<'_> {
@@ -53,6 +59,8 @@ impl Default for VmConfig<'_> {
             tap: None,
             log_dir: Path::new(""),
             disk_log: None,
+            usb_controller: false,
+            qmp: None,
         }
     }
 }
@@ -123,9 +131,16 @@ impl Vm {
                 "tap,ifname={tap},script=no,downscript=no,model=virtio-net-pci"
             ));
         }
+        if cfg.usb.is_some() || cfg.usb_controller {
+            cmd.args(["-device", "qemu-xhci,id=xhci"]);
+        }
+        if let Some(qmp) = cfg.qmp {
+            let _ = std::fs::remove_file(qmp);
+            cmd.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", qemu_opt_path(qmp)));
+        }
         if let Some(usb) = cfg.usb {
-            cmd.args(["-device", "qemu-xhci,id=xhci"])
-                .arg("-drive")
+            cmd.arg("-drive")
                 .arg(format!(
                     "if=none,id=usbstick,format=raw,file={}",
                     usb.display()
@@ -172,6 +187,7 @@ impl Vm {
             cursor: 0,
             commands: 0,
             log,
+            qmp: cfg.qmp.map(Path::to_path_buf),
         }
     }
 
@@ -291,9 +307,112 @@ impl Vm {
         let _ = self.child.wait();
     }
 
+    /// Plug a raw disk image in as a USB stick named `id`, as a person would with the machine
+    /// running (QMP `blockdev-add`, then `device_add usb-storage` on the xHCI bus). Needs
+    /// `qmp` and `usb_controller` in the [`VmConfig`].
+    pub fn plug_usb_stick(&mut self, id: &str, image: &Path) {
+        let path = self
+            .qmp
+            .as_deref()
+            .expect("plug_usb_stick needs VmConfig::qmp");
+        let mut qmp = Qmp::connect(path, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{}: QMP: {e}", self.name));
+        let node = format!("{id}-node");
+        let steps = [
+            (
+                "blockdev-add",
+                serde_json::json!({
+                    "node-name": node,
+                    "driver": "raw",
+                    "file": {"driver": "file", "filename": image.display().to_string()},
+                }),
+            ),
+            (
+                "device_add",
+                serde_json::json!({
+                    "driver": "usb-storage", "id": id, "bus": "xhci.0", "drive": node,
+                }),
+            ),
+        ];
+        for (command, args) in steps {
+            qmp.execute(command, args)
+                .unwrap_or_else(|e| panic!("{}: QMP {command}: {e}", self.name));
+        }
+    }
+
     /// Output seen so far (whole console).
     pub fn output(&self) -> String {
         self.console.text.lock().unwrap().clone()
+    }
+}
+
+/// A client of QEMU's machine protocol (QMP): JSON objects, one per line, over a Unix
+/// socket. A few lines of serde_json do; the protocol needs no more than the greeting, the
+/// capabilities handshake and `execute`, with asynchronous events skipped.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connect (QEMU creates the socket as it starts: wait for it up to `timeout`) and leave
+    /// capabilities negotiation mode.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, String> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!("connecting to {}: {e}", path.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = qmp.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("no QMP greeting: {greeting}"));
+        }
+        qmp.execute("qmp_capabilities", serde_json::json!({}))?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self) -> Result<serde_json::Value, String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("QEMU closed the QMP socket".into()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}")),
+            Err(e) => Err(format!("reading QMP: {e}")),
+        }
+    }
+
+    /// Run `command` with `arguments`; its `return` value, or QEMU's error as text.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let req = serde_json::json!({ "execute": command, "arguments": arguments });
+        self.writer
+            .write_all(format!("{req}\n").as_bytes())
+            .map_err(|e| format!("writing QMP: {e}"))?;
+        loop {
+            let v = self.read()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(format!("{command}: {e}"));
+            }
+            // An event ({"event": ...}): not the answer.
+        }
     }
 }
 

@@ -16,10 +16,8 @@ fn start(a: &Artifacts, name: &str, disk: &Path, usb: &Path) -> Vm {
         name,
         disk,
         usb: Some(usb),
-        net: false,
-        tap: None,
         log_dir: &a.work.join("logs"),
-        disk_log: None,
+        ..VmConfig::default()
     })
 }
 
@@ -29,9 +27,8 @@ fn start_networked(a: &Artifacts, name: &str, disk: &Path) -> Vm {
         disk,
         usb: None,
         net: true,
-        tap: None,
         log_dir: &a.work.join("logs"),
-        disk_log: None,
+        ..VmConfig::default()
     })
 }
 

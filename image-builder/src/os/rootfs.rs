@@ -12,6 +12,8 @@ pub const SLOT_INIT: &str = include_str!("init/slot-init.sh");
 pub const UDHCPC_SCRIPT: &str = include_str!("init/udhcpc.script");
 /// containerd's configuration (used when the image has containerd: `--add-bin`).
 pub const CONTAINERD_CONFIG: &str = include_str!("init/containerd.toml");
+/// The agent's respawn wrapper for busybox inits, started by the slot's init when enabled.
+pub const AGENT_WRAPPER: &str = include_str!("../../../bootloader/init/edge-ota-agent");
 
 /// How the slot's init behaves, for rollback tests.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +198,7 @@ fn tree(o: &RootfsOpts, k: &KernelDir) -> Result<Tree> {
     t.file_bytes("sbin/init", SLOT_INIT, 0o755)?;
     t.file_bytes("usr/share/udhcpc/default.script", UDHCPC_SCRIPT, 0o755)?;
     t.file_bytes("etc/containerd/config.toml", CONTAINERD_CONFIG, 0o644)?;
+    t.file_bytes("usr/lib/edge-ota/edge-ota-agent", AGENT_WRAPPER, 0o755)?;
 
     let v = &o.version;
     let variant = o.variant.as_str();
@@ -275,6 +278,7 @@ pub fn build(o: &RootfsOpts) -> Result<()> {
         .add("init", SLOT_INIT)
         .add("udhcpc", UDHCPC_SCRIPT)
         .add("containerd-config", CONTAINERD_CONFIG)
+        .add("agent-wrapper", AGENT_WRAPPER)
         .add("watchdog-margin", WATCHDOG_MARGIN.to_string())
         .add("version", &o.version)
         .add("variant", o.variant.as_str())

@@ -23,10 +23,8 @@ fn main() {
         name: "demo",
         disk: &disk,
         usb: Some(&usb),
-        net: false,
-        tap: None,
         log_dir: &a.work.join("logs"),
-        disk_log: None,
+        ..VmConfig::default()
     });
     let boot = Duration::from_secs(300);
     vm.wait_for("edge-init: ready", boot);

@@ -4,7 +4,7 @@
 # shell on the serial console. Every stage prints an "edge-init:" marker for the test driver.
 #
 # /etc/edge-init.conf sets EDGE_VERSION, EDGE_VARIANT (normal|health-fail|panic|hang) and
-# EDGE_WATCHDOG_MARGIN (seconds).
+# EDGE_WATCHDOG_MARGIN (seconds). The agent runs when /var/lib/edge-ota/agent.enabled exists.
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
@@ -117,6 +117,7 @@ watchdog -T "$margin" -t 5 /dev/watchdog
 # Seconds since $1 (a /proc/uptime reading): what the runtime costs each boot.
 since() { awk -v t="$1" '{ printf "%.1f", $1 - t }' /proc/uptime; }
 ctrd_pid=
+agent_pid=
 if [ -x /usr/bin/containerd ]; then
 	t0=$(cut -d' ' -f1 /proc/uptime)
 	mkdir -p /var/lib/containerd /run/containerd /sys/fs/cgroup
@@ -138,11 +139,32 @@ if [ -x /usr/bin/containerd ]; then
 		log "WARNING: container images not imported (exit $rc)"
 	fi
 fi
+# The unattended agent (`edge-ota agent run`), when this device has it enabled: the slot's
+# configuration has an [agent] section and the data partition holds the switch, which outlives
+# slot changes so the new slot's agent reports on the update the old one started. Started last:
+# after the health verdict (the agent only reads it) and with containerd answering (it imports
+# a new slot's images). The wrapper restarts it whenever it exits.
+if [ -e /var/lib/edge-ota/agent.enabled ] && grep -q '^\[agent\]' /etc/edge-ota/config.toml; then
+	/usr/lib/edge-ota/edge-ota-agent &
+	agent_pid=$!
+	log "agent started (wrapper pid $agent_pid)"
+fi
 log "ready"
 
 # busybox reboot/poweroff/halt signal PID 1; do what they ask.
 shutdown_now() {
 	log "$1"
+	if [ -n "$agent_pid" ]; then
+		# The wrapper stops the agent with itself (before containerd, which the agent may be
+		# using); the agent's state is persisted before every step, so stopping it anywhere is
+		# safe.
+		kill "$agent_pid" 2>/dev/null
+		i=0
+		while kill -0 "$agent_pid" 2>/dev/null && [ $i -lt 20 ]; do
+			sleep 0.2
+			i=$((i + 1))
+		done
+	fi
 	if [ -n "$ctrd_pid" ]; then
 		kill "$ctrd_pid" 2>/dev/null
 		i=0
