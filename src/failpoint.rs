@@ -35,19 +35,38 @@ pub fn hit(_name: &str) {
     }
 }
 
-/// A counter to call once per written chunk: stops after `chunks:<N>` chunks.
-pub fn chunk_countdown() -> impl FnMut() {
+/// A counter shared by the threads that write chunks, ticked once per chunk: with
+/// `chunks:<N>`, every writer stops dead once N chunks were written. Without the feature it
+/// holds nothing and `tick` is empty.
+#[derive(Default)]
+pub struct ChunkCountdown {
     #[cfg(feature = "failpoints")]
-    let mut left: Option<u64> = std::env::var("EDGE_OTA_FAILPOINT")
-        .ok()
-        .and_then(|v| v.strip_prefix("chunks:")?.parse().ok());
-    move || {
+    left: Option<std::sync::atomic::AtomicU64>,
+}
+
+impl ChunkCountdown {
+    pub fn from_env() -> Self {
+        ChunkCountdown {
+            #[cfg(feature = "failpoints")]
+            left: std::env::var("EDGE_OTA_FAILPOINT")
+                .ok()
+                .and_then(|v| v.strip_prefix("chunks:")?.parse().ok())
+                .map(std::sync::atomic::AtomicU64::new),
+        }
+    }
+
+    #[inline]
+    pub fn tick(&self) {
         #[cfg(feature = "failpoints")]
-        if let Some(n) = left.as_mut() {
-            if *n == 0 {
+        if let Some(left) = &self.left {
+            use std::sync::atomic::Ordering;
+            // Once at zero it stays there: every later tick, on any thread, stops too.
+            if left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_err()
+            {
                 pause("chunks");
             }
-            *n -= 1;
         }
     }
 }

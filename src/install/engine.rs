@@ -28,6 +28,7 @@ use crate::bundle::decode::decode_chunk_into;
 use crate::bundle::head::{expect_end, read_exact_or_truncated};
 use crate::bundle::{Manifest, Payload, Run};
 use crate::error::{Error, Result};
+use crate::failpoint::ChunkCountdown;
 use crate::progress::{Bytes, Plan, Progress};
 use crate::source::RangeSource;
 use crate::state::{ChunkTable, ImageRecord, InstallProgress};
@@ -332,7 +333,7 @@ pub fn run(
     // much memory as a worker's.
     let zeros = AlignedBuf::new(ZERO_PIECE);
     // Crash tests stop dead after N chunks written, zeros included (feature failpoints only).
-    let fail_after = Countdown::new();
+    let fail_after = Arc::new(ChunkCountdown::from_env());
     // (chunks, bytes, time) since the last checkpoint.
     let mut since_checkpoint = (0usize, 0u64, Instant::now());
 
@@ -563,7 +564,7 @@ fn start(
     fetcher: Fetcher,
     workers: usize,
     fetched: Arc<std::sync::atomic::AtomicU64>,
-    fail_after: Countdown,
+    fail_after: Arc<ChunkCountdown>,
 ) -> Result<Running> {
     let m = inp.manifest.clone();
     let workers = workers.max(1);
@@ -887,25 +888,10 @@ const CHECKPOINT_BYTES: u64 = 16 << 20;
 /// Zeros are written this much at a time.
 const ZERO_PIECE: usize = 1 << 20;
 
-/// The crash tests' "stop after N chunks written", shared by the threads that write.
-#[derive(Clone)]
-struct Countdown(Arc<std::sync::Mutex<Box<dyn FnMut() + Send>>>);
-
-impl Countdown {
-    fn new() -> Self {
-        Countdown(Arc::new(std::sync::Mutex::new(Box::new(
-            crate::failpoint::chunk_countdown(),
-        ))))
-    }
-    fn tick(&self) {
-        (self.0.lock().unwrap_or_else(|e| e.into_inner()))();
-    }
-}
-
 /// Where a worker puts a verified chunk.
 struct Writer<'a> {
     outs: &'a [Arc<PosWriter>],
-    fail_after: &'a Countdown,
+    fail_after: &'a ChunkCountdown,
     done: &'a Sender<Result<Done>>,
 }
 
