@@ -104,7 +104,7 @@ pub struct PosWriter {
 /// Small chunks (format 1's content-defined ones, 16 KiB to 256 KiB, never on a page
 /// boundary) are gathered into aligned stripes of this size and written with one direct
 /// write each; larger chunks write their whole stripes straight from the worker's buffer.
-pub const STRIPE: usize = 512 << 10;
+pub const STRIPE: usize = 1 << 20;
 /// At most this many stripes are held open: beyond, the oldest is written as far as it is
 /// filled (its chunks complete; a chunk that arrives later for it is written on its own).
 const OPEN_STRIPES: usize = 8;
@@ -314,6 +314,9 @@ impl PosWriter {
             complete.push(id);
             return Ok(complete);
         }
+        // Full stripes are written after the lock is released: the other workers go on
+        // filling stripes meanwhile.
+        let mut full: Vec<(u64, Stripe)> = Vec::new();
         let mut st = self.stripes.lock().unwrap_or_else(|e| e.into_inner());
         st.pending.insert(id, pieces.len() as u8);
         for (s, e) in pieces {
@@ -336,17 +339,26 @@ impl PosWriter {
             stripe.filled.push((ss, se));
             stripe.chunks.push(id);
             if stripe.filled.iter().map(|(s, e)| e - s).sum::<usize>() == STRIPE {
-                let stripe = st.open.remove(&stripe_at).expect("just filled");
-                direct
-                    .write_all_at(stripe.data.as_slice(), stripe_at)
-                    .ctx(|| format!("writing {} at byte {stripe_at}", self.path.display()))?;
-                st.settle(stripe, &mut complete);
+                full.push((stripe_at, st.open.remove(&stripe_at).expect("just filled")));
             }
         }
         while st.open.len() > OPEN_STRIPES {
             let oldest = *st.open.keys().min().expect("not empty");
             let stripe = st.open.remove(&oldest).expect("present");
             self.write_partial(oldest, &stripe)?;
+            st.settle(stripe, &mut complete);
+        }
+        if full.is_empty() {
+            return Ok(complete);
+        }
+        drop(st);
+        for (stripe_at, stripe) in &full {
+            direct
+                .write_all_at(stripe.data.as_slice(), *stripe_at)
+                .ctx(|| format!("writing {} at byte {stripe_at}", self.path.display()))?;
+        }
+        let mut st = self.stripes.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, stripe) in full {
             st.settle(stripe, &mut complete);
         }
         Ok(complete)
