@@ -3,6 +3,9 @@
 # measured in the same run. Needs root (loop devices). Prints figures and, last, one line:
 #   apply/dd time ratio: R; peak RSS: N MiB (256 MiB image: M MiB)
 # Usage: bench/apply.sh [runs]   (BENCH_DIR, default /var/tmp/edge-ota-bench)
+# BASELINE=path/to/edge-ota: also apply the format 1 bundle with that binary (an older engine,
+# e.g. built from commit 4e0f5b9, before the guards of issue 7) in the same runs, so the two
+# engines are compared on one bundle, one device and one day's disk.
 set -euo pipefail
 runs=${1:-3}
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -73,12 +76,20 @@ allow_no_probes = true
 CFG
 rm -rf "$work/state"
 "$ota" --config "$work/config.toml" init-boot-env --good A >/dev/null
+baseline=${BASELINE:-}
+if [ -n "$baseline" ]; then
+  # The configuration as the older binary knows it (no [health] section), its own state.
+  sed -e '/^\[health\]/,$d' -e "s#^state_dir = .*#state_dir = \"$work/state-baseline\"#" \
+    -e "s#^path = .*#path = \"$work/bootenv-baseline\"#" "$work/config.toml" > "$work/config-baseline.toml"
+  rm -rf "$work/state-baseline"
+  "$baseline" --config "$work/config-baseline.toml" init-boot-env --good A >/dev/null
+fi
 
 now() { date +%s.%N; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
-dd_times=() apply_times=() f1_times=()
+dd_times=() apply_times=() f1_times=() base_times=()
 for i in $(seq "$runs"); do
   drop_caches; t0=$(now)
   dd if="$work/image-1g.img" of="$loop" bs=4M oflag=direct conv=fsync status=none
@@ -89,15 +100,20 @@ for i in $(seq "$runs"); do
   drop_caches; t0=$(now)
   "$ota" --config "$work/config.toml" apply --no-reboot -q "$work/bundle-1g-f1.eota" >/dev/null
   t1=$(now); f1_times+=("$(echo "$t1 - $t0" | bc)")
-  echo "run $i: dd ${dd_times[-1]} s, apply ${apply_times[-1]} s, apply format 1 ${f1_times[-1]} s"
+  if [ -n "$baseline" ]; then
+    drop_caches; t0=$(now)
+    "$baseline" --config "$work/config-baseline.toml" apply --no-reboot -q "$work/bundle-1g-f1.eota" >/dev/null
+    t1=$(now); base_times+=("$(echo "$t1 - $t0" | bc)")
+  fi
+  echo "run $i: dd ${dd_times[-1]} s, apply ${apply_times[-1]} s, apply format 1 ${f1_times[-1]} s${baseline:+, baseline format 1 ${base_times[-1]} s}"
 done
 dd_med=$(printf '%s\n' "${dd_times[@]}" | median)
 apply_med=$(printf '%s\n' "${apply_times[@]}" | median)
 f1_med=$(printf '%s\n' "${f1_times[@]}" | median)
 
-rss() { # bundle -> peak RSS in MiB
+rss() { # bundle [binary config] -> peak RSS in MiB
   drop_caches
-  /usr/bin/time -v "$ota" --config "$work/config.toml" apply --no-reboot -q "$1" 2>&1 >/dev/null \
+  /usr/bin/time -v "${2:-$ota}" --config "${3:-$work/config.toml}" apply --no-reboot -q "$1" 2>&1 >/dev/null \
     | awk '/Maximum resident set size/ {printf "%.1f", $6 / 1024}'
 }
 rss_1g=$(rss "$work/bundle-1g.eota")
@@ -107,5 +123,10 @@ bundle_mib=$(( $(stat -c %s "$work/bundle-1g.eota") >> 20 ))
 f1_mib=$(( $(stat -c %s "$work/bundle-1g-f1.eota") >> 20 ))
 echo "image 1024 MiB, bundle ${bundle_mib} MiB; median of $runs: dd ${dd_med} s, apply ${apply_med} s (apply includes read-back verification)"
 echo "format 1 bundle (64 KiB chunks) ${f1_mib} MiB: apply ${f1_med} s, apply/dd time ratio: $(printf "%.2f" "$(echo "scale=4; $f1_med / $dd_med" | bc)"); peak RSS: $rss_f1 MiB"
+if [ -n "$baseline" ]; then
+  base_med=$(printf '%s\n' "${base_times[@]}" | median)
+  rss_base=$(rss "$work/bundle-1g-f1.eota" "$baseline" "$work/config-baseline.toml")
+  echo "baseline $baseline, same format 1 bundle: apply ${base_med} s, apply/dd time ratio: $(printf "%.2f" "$(echo "scale=4; $base_med / $dd_med" | bc)"); peak RSS: $rss_base MiB; this engine/baseline time ratio: $(printf "%.2f" "$(echo "scale=4; $f1_med / $base_med" | bc)")"
+fi
 ratio=$(printf "%.2f" "$(echo "scale=4; $apply_med / $dd_med" | bc)")
 echo "apply/dd time ratio: $ratio; peak RSS: $rss_1g MiB (256 MiB image: $rss_256 MiB)"

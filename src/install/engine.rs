@@ -288,7 +288,11 @@ enum Work {
 
 /// What comes back.
 enum Done {
-    /// Verified and written (not yet synced).
+    /// Verified and handed to the slot's writer: one per chunk of the work.
+    Verified,
+    /// All its bytes are written (not yet synced). A chunk that shares pages with chunks
+    /// not yet verified is written when they are (or at the end of the pass), possibly by
+    /// another worker; sent before the writer's own `Verified`.
     Written(usize, usize),
     /// A local copy or delta did not reproduce the chunk: fetch its full frame instead.
     Mismatch(usize, usize, String),
@@ -370,7 +374,10 @@ pub fn run(
         // frame whose chunks are all written and checkpointed is dropped from the spool.
         let mut frame_of: HashMap<(usize, usize), u64> = HashMap::new();
         let mut owed: HashMap<u64, (Range<u64>, usize)> = HashMap::new();
-        for it in &work {
+        // Only an apply that consumes the spool needs them (a 1 GiB format 1 bundle has
+        // 16384 frames: a megabyte of maps for nothing).
+        let consume = inp.staged.is_some() && inp.consume_staged;
+        for it in work.iter().filter(|_| consume) {
             if let Item::Frame(r, w) = it {
                 let chunks: Vec<(usize, usize)> = match w {
                     Work::Full(pi, i, _) => vec![(*pi, *i)],
@@ -408,13 +415,13 @@ pub fn run(
                     fed = true;
                     fetcher = back;
                 }
+                Ok(Ok(Done::Verified)) => left -= 1,
                 Ok(Ok(Done::Written(pi, i))) => {
-                    let len = m.payloads[pi].chunks[i].len as usize;
+                    let len = u64::from(m.payloads[pi].chunks[i].len);
                     done[pi].push(i as u32);
-                    written += len as u64;
-                    left -= 1;
+                    written += len;
                     since_checkpoint.0 += 1;
-                    since_checkpoint.1 += len as u64;
+                    since_checkpoint.1 += len;
                     settle(pi, i, &mut used);
                 }
                 Ok(Ok(Done::Mismatch(pi, i, why))) => {
@@ -465,6 +472,14 @@ pub fn run(
                     st.used(&std::mem::take(&mut used))?;
                 }
                 since_checkpoint = (0, 0, Instant::now());
+            }
+        }
+        // Pages shared with chunks that are not part of this pass (already in the slot, or
+        // to be fetched in the next) are completed from what the slot holds.
+        for (pi, o) in inp.outs.iter().enumerate() {
+            for i in o.flush()? {
+                done[pi].push(i);
+                written += u64::from(m.payloads[pi].chunks[i as usize].len);
             }
         }
         report.fell_back += fallback.len();
@@ -650,8 +665,9 @@ fn start(
                         return;
                     }
                 };
-                // This worker's chunk buffer, touched only once a chunk needs it.
-                let mut out = AlignedBuf::new(max_out);
+                // This worker's chunk buffer, touched only once a chunk needs it; a chunk
+                // starts in it where its first byte falls in a page (PosWriter::skew).
+                let mut out = AlignedBuf::new(max_out + super::blockdev::ALIGN);
                 let w = Writer {
                     outs: &outs,
                     fail_after: &fail_after,
@@ -672,12 +688,19 @@ fn start(
                     };
                     let r = match work {
                         Work::Full(pi, i, compressed) => {
-                            let r = full(&m, &mut dec, pi, i, &compressed, &mut out);
+                            let r = full(
+                                &m,
+                                &mut dec,
+                                pi,
+                                i,
+                                &compressed,
+                                w.chunk(&m, pi, i, &mut out),
+                            );
                             let _ = free_in_tx.send(compressed);
-                            r.and_then(|()| w.write(&m, pi, i, &out)).map(|d| vec![d])
+                            r.and_then(|()| w.write(&m, pi, i, &out))
                         }
                         Work::Local(pi, i, at) => {
-                            local(&m, base.as_deref(), pi, i, at, &mut out, &w).map(|d| vec![d])
+                            local(&m, base.as_deref(), pi, i, at, &mut out, &w)
                         }
                         Work::Delta(pi, d, f, compressed, wanted) => {
                             let _one = delta_gate.lock().unwrap_or_else(|e| e.into_inner());
@@ -896,15 +919,36 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    /// Write verified chunk `(pi, i)` from `buf` (the chunk's length of it).
-    fn write(&self, m: &Manifest, pi: usize, i: usize, buf: &AlignedBuf) -> Result<Done> {
+    /// Where chunk `(pi, i)` goes in a worker's buffer.
+    fn chunk<'b>(
+        &self,
+        m: &Manifest,
+        pi: usize,
+        i: usize,
+        buf: &'b mut AlignedBuf,
+    ) -> &'b mut [u8] {
+        let p = &m.payloads[pi];
+        let skew = self.outs[pi].skew(p.chunk_start(i));
+        &mut buf.as_mut_slice()[skew..skew + p.chunks[i].len as usize]
+    }
+
+    /// Write verified chunk `(pi, i)`, held in `buf` where [`Writer::chunk`] put it. The
+    /// chunks this completes come first, then the chunk's own `Verified`.
+    fn write(&self, m: &Manifest, pi: usize, i: usize, buf: &AlignedBuf) -> Result<Vec<Done>> {
         let p = &m.payloads[pi];
         self.fail_after.tick();
-        self.outs[pi].write_at(
+        let complete = self.outs[pi].write_chunk(
             p.chunk_start(i),
-            &buf.as_slice()[..p.chunks[i].len as usize],
+            buf.as_slice(),
+            p.chunks[i].len as usize,
+            i as u32,
         )?;
-        Ok(Done::Written(pi, i))
+        let mut out: Vec<Done> = complete
+            .into_iter()
+            .map(|c| Done::Written(pi, c as usize))
+            .collect();
+        out.push(Done::Verified);
+        Ok(out)
     }
 }
 
@@ -914,17 +958,11 @@ fn full(
     pi: usize,
     i: usize,
     compressed: &[u8],
-    out: &mut AlignedBuf,
+    out: &mut [u8],
 ) -> Result<()> {
     let p = &m.payloads[pi];
     let c = &p.chunks[i];
-    decode_chunk_into(
-        dec,
-        c,
-        compressed,
-        &mut out.as_mut_slice()[..c.len as usize],
-    )
-    .map_err(|what| Error::Tampered {
+    decode_chunk_into(dec, c, compressed, out).map_err(|what| Error::Tampered {
         payload: p.name.clone(),
         what: format!("chunk {i} {what}"),
     })
@@ -939,16 +977,16 @@ fn local(
     at: u64,
     out: &mut AlignedBuf,
     w: &Writer,
-) -> Result<Done> {
+) -> Result<Vec<Done>> {
     let c = &m.payloads[pi].chunks[i];
     let base = base.expect("local copies come from the running slot");
-    let buf = &mut out.as_mut_slice()[..c.len as usize];
+    let buf = w.chunk(m, pi, i, out);
     let why = match base.file.read_exact_at(buf, at) {
         Err(e) => format!("reading the running slot: {e}"),
         Ok(()) if blake3::hash(buf).as_bytes() == &c.hash.0 => return w.write(m, pi, i, out),
         Ok(()) => "the running slot's chunk changed".into(),
     };
-    Ok(Done::Mismatch(pi, i, why))
+    Ok(vec![Done::Mismatch(pi, i, why)])
 }
 
 /// Rebuild the planned chunks of one literal frame (or, `f == usize::MAX`, the chunks
@@ -1018,7 +1056,7 @@ fn delta(
             lit_at += (runs.literal_blocks(first, first + blocks) * block) as usize;
             continue;
         }
-        let buf = &mut out.as_mut_slice()[..c.len as usize];
+        let buf = w.chunk(m, pi, i, out);
         let mut ok = Ok(());
         let mut b = first;
         while b < first + blocks {
@@ -1054,9 +1092,10 @@ fn delta(
         match verdict {
             Ok(()) => {
                 // Reported as soon as it is written: the buffer serves the next chunk.
-                let d = w.write(m, pi, i, out)?;
-                if w.done.send(Ok(d)).is_err() {
-                    return Ok(out_list);
+                for d in w.write(m, pi, i, out)? {
+                    if w.done.send(Ok(d)).is_err() {
+                        return Ok(out_list);
+                    }
                 }
             }
             Err(why) => out_list.push(Done::Mismatch(pi, i, why)),
