@@ -56,6 +56,11 @@
 //! - When [`FakeApiServer::set_unavailable`] is on, every request gets 503 and open watches are
 //!   cut (connection aborted mid-stream); a real outage usually refuses connections instead.
 //! - No discovery (`/api`, `/apis`); `/version` answers.
+//!
+//! Note for clients: kube-rs (5.x) retries 429, 503 and 504 answers by default (up to 15 times,
+//! exponential backoff from 5 ms), so a refused eviction or [`FakeApiServer::set_unavailable`]
+//! reaches the caller only after minutes unless `Config::default_retry` is off.
+//! `FAKE_KUBE_DEBUG=1` in the environment prints every request to stderr.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -1560,6 +1565,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     {
         let mut st = shared.lock();
         st.requests.push(format!("{method} {path_and_query}"));
+        if std::env::var_os("FAKE_KUBE_DEBUG").is_some() {
+            eprintln!("fake-kube-api: {method} {path_and_query}");
+        }
         if st.unavailable {
             return error_response(&ApiError::new(
                 503,
