@@ -845,12 +845,13 @@ impl Store {
             .get(key)
             .cloned()
             .ok_or_else(|| ApiError::not_found(res, &key.name))?;
+        let stored = old["metadata"]["resourceVersion"].as_str();
         match body["metadata"]["resourceVersion"].as_str() {
-            Some(rv) if !rv.is_empty() => {
-                if Some(rv) != old["metadata"]["resourceVersion"].as_str() {
-                    return Err(ApiError::conflict(res, &key.name));
-                }
+            // Optimistic concurrency: the update was made from another version.
+            Some(rv) if !rv.is_empty() && Some(rv) != stored => {
+                return Err(ApiError::conflict(res, &key.name));
             }
+            Some(rv) if !rv.is_empty() => {}
             _ if !res.unconditional_update => {
                 return Err(ApiError::invalid(
                     res,
@@ -865,8 +866,7 @@ impl Store {
         if dry_run {
             return Ok(new);
         }
-        let verb = "update";
-        Ok(self.commit_update(key, old, new, verb, false))
+        Ok(self.commit_update(key, old, new, "update", false))
     }
 
     fn patch(
