@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod coordinate;
 pub mod desired;
 pub mod host;
 pub mod machine;
