@@ -349,7 +349,9 @@ fn three_nodes_max_unavailable_one_never_reboot_two_at_once_and_all_update() {
         osupdate(now_policy(), json!({"timeoutSecs": 30}), false),
     );
     let track = Mutex::new(Track::default());
-    let hosts: Vec<SimHost> = std::thread::scope(|s| {
+    // The agents (their runtimes, their status reporters) live on after their update, as
+    // the real agent does: their last report must not be cut off.
+    let done: Vec<(SimHost, Agent)> = std::thread::scope(|s| {
         let handles: Vec<_> = names
             .iter()
             .map(|n| {
@@ -359,13 +361,13 @@ fn three_nodes_max_unavailable_one_never_reboot_two_at_once_and_all_update() {
                     let mut h = SimHost::new(false);
                     let (phase, err) = run(&a, &mut h, track, Duration::from_secs(60), settled);
                     assert_eq!(phase, Phase::Succeeded, "{}: {err:?}", a.name);
-                    h
+                    (h, a)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for h in &hosts {
+    for (h, _) in &done {
         assert_eq!(h.booted, "B");
         assert_eq!(h.versions["B"], "2.0.0");
         assert_eq!(h.reboots, 1);
