@@ -565,3 +565,56 @@ fn api_server_down_staging_goes_on_reboot_waits_for_the_link() {
     assert_eq!(phase, Phase::Succeeded, "{err:?}");
     assert_eq!(h.reboots, 1);
 }
+
+/// The agent is killed while its node drains (a PDB holds a pod): the new process finds its
+/// Lease and its cordon and goes on, it does not take a second slot or forget the node.
+#[test]
+fn agent_restarted_mid_drain_keeps_its_lease_and_finishes() {
+    let c = cluster(
+        &["node-a", "node-b"],
+        osupdate(now_policy(), json!({"timeoutSecs": 60}), false),
+    );
+    c.server.create(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "db-0", "namespace": "shop", "labels": {"app": "db"}},
+        "spec": {"nodeName": "node-a", "containers": [{"name": "db", "image": "db"}]},
+        "status": {"phase": "Running"}
+    }));
+    c.server.create(json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "db", "namespace": "shop"},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "db"}}},
+        "status": {"disruptionsAllowed": 0, "currentHealthy": 1, "desiredHealthy": 1,
+                   "expectedPods": 1, "observedGeneration": 1}
+    }));
+    let track = Mutex::new(Track::default());
+    let a = agent(&c.server, &c.kubeconfig, "node-a", 30);
+    let mut h = SimHost::new(false);
+    let (phase, err) = run(&a, &mut h, &track, Duration::from_secs(3), |_| false);
+    assert_eq!(phase, Phase::Draining);
+    assert!(err.unwrap().contains("shop/db-0"));
+    assert_eq!(leases_held(&c), ["node-a"]);
+    // Killed here; the PDB's owner scales it up meanwhile.
+    c.server.patch(
+        "policy/v1",
+        "PodDisruptionBudget",
+        Some("shop"),
+        "db",
+        json!({"status": {"disruptionsAllowed": 1}}),
+    );
+    let (phase, err) = run(&a, &mut h, &track, Duration::from_secs(30), settled);
+    assert_eq!(phase, Phase::Succeeded, "{err:?}");
+    assert_eq!(h.reboots, 1);
+    assert!(c.server.get("v1", "Pod", Some("shop"), "db-0").is_none());
+    let lease = c
+        .server
+        .get("coordination.k8s.io/v1", "Lease", Some(NS), "edge-2-0")
+        .unwrap();
+    assert_eq!(
+        lease["spec"]["leaseTransitions"], 1,
+        "the Lease changed hands"
+    );
+    assert!(leases_held(&c).is_empty());
+    let node = c.server.get("v1", "Node", None, "node-a").unwrap();
+    assert_ne!(node["spec"]["unschedulable"], true);
+}
