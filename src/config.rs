@@ -147,6 +147,44 @@ pub struct AgentConfig {
     pub reboot: RebootConfig,
     #[serde(default)]
     pub media: MediaConfig,
+    /// Coordinated reboots in a Kubernetes cluster (`[agent.kubernetes]`); off when absent.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// The agent as a member of a Kubernetes cluster (`[agent.kubernetes]`): it watches the
+/// `OSUpdate`s selecting its node and reboots only with a `maxUnavailable` Lease, drained.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Kubeconfig of the agent's own least-privilege identity (deploy/kubernetes/rbac.yaml).
+    pub kubeconfig: PathBuf,
+    /// This node's name in the cluster.
+    pub node_name: String,
+    /// Namespace of the Leases that count the nodes rebooting at once.
+    #[serde(default = "default_lease_namespace")]
+    pub lease_namespace: String,
+    /// A cluster of one: nothing is evicted (there is nowhere to go); `[agent.reboot] before`
+    /// stops kubelet and containerd in order before the reboot.
+    #[serde(default)]
+    pub single_node: bool,
+    /// How long a Lease outlives its holder's last renewal: must cover a reboot and the
+    /// health gate, else a second node could start while the first is still down.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+    /// Seconds between looks while waiting for a Lease, evictions or the node's `Ready`.
+    #[serde(default = "default_kube_poll")]
+    pub poll_secs: u64,
+}
+
+fn default_lease_namespace() -> String {
+    "edge-ota-system".into()
+}
+fn default_lease_secs() -> u64 {
+    900
+}
+fn default_kube_poll() -> u64 {
+    5
 }
 
 /// How the agent reboots into a new slot (`[agent.reboot]`).
@@ -635,6 +673,51 @@ fn normalize(p: &Path) -> PathBuf {
         .collect()
 }
 
+/// A DNS-1123 name as Kubernetes wants node names and namespaces.
+fn dns_name(what: &str, s: &str, max: usize) -> std::result::Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "kubernetes.{what} {s:?} is not a DNS name (lowercase, digits, '-', '.', at most {max})"
+        ))
+    }
+}
+
+fn check_kubernetes(k: &KubernetesConfig, a: &AgentConfig) -> std::result::Result<(), String> {
+    dns_name("node_name", &k.node_name, 253)?;
+    dns_name("lease_namespace", &k.lease_namespace, 63)?;
+    if !(30..=86_400).contains(&k.lease_secs) {
+        return Err(format!(
+            "kubernetes.lease_secs {} must be 30..=86400",
+            k.lease_secs
+        ));
+    }
+    if !(1..=600).contains(&k.poll_secs) {
+        return Err(format!(
+            "kubernetes.poll_secs {} must be 1..=600",
+            k.poll_secs
+        ));
+    }
+    if k.poll_secs * 3 > k.lease_secs {
+        return Err("kubernetes.lease_secs must be at least 3 × poll_secs (renewals)".into());
+    }
+    if k.single_node && a.reboot.before.is_empty() {
+        return Err(
+            "kubernetes.single_node needs [agent.reboot] before = [...] stopping kubelet and \
+             containerd in order (nothing is evicted on a single node)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 fn check_agent(a: &AgentConfig) -> std::result::Result<(), String> {
     let within = |name: &str, v: u64, r: std::ops::RangeInclusive<u64>| {
         if r.contains(&v) {
@@ -676,6 +759,9 @@ fn check_agent(a: &AgentConfig) -> std::result::Result<(), String> {
             .map_err(|e| format!("metrics address {m:?}: {e}"))?;
     }
     crate::schedule::Windows::compile(&a.windows)?;
+    if let Some(k) = &a.kubernetes {
+        check_kubernetes(k, a)?;
+    }
     if a.media.mode == MediaMode::Window && a.windows.is_empty() {
         return Err("media.mode = \"window\" needs at least one [[agent.window]]".into());
     }
@@ -848,6 +934,37 @@ url = "http://127.0.0.1:10248/healthz"
         assert!(refused(&bad).contains("unknown field `urll`"));
         let bad = OK.replace("url = ", "path = \"/x\"\nurl = ");
         assert!(refused(&bad).contains("`path` does not apply to kind \"http\""));
+    }
+
+    const KUBE: &str = "\n[agent]\n[agent.reboot]\nbefore = [[\"systemctl\", \"stop\", \"kubelet\"]]\n[agent.kubernetes]\nkubeconfig = \"/etc/edge-ota/kubeconfig\"\nnode_name = \"node-a\"\n";
+
+    #[test]
+    fn kubernetes_section_parses_with_defaults() {
+        let c = Config::parse(&format!("{OK}{KUBE}"), Path::new("c.toml")).unwrap();
+        let k = c.agent.unwrap().kubernetes.unwrap();
+        assert_eq!(k.lease_namespace, "edge-ota-system");
+        assert_eq!(k.lease_secs, 900);
+        assert!(!k.single_node);
+    }
+
+    #[test]
+    fn kubernetes_section_out_of_bounds_or_misnamed_is_refused() {
+        let with = |extra: &str| format!("{OK}{KUBE}{extra}\n");
+        assert!(refused(&with("lease_secs = 5")).contains("lease_secs"));
+        assert!(refused(&with("poll_secs = 0")).contains("poll_secs"));
+        assert!(
+            refused(&format!("{OK}{}", KUBE.replace("node-a", "Node_A")))
+                .contains("not a DNS name")
+        );
+        let alone = format!(
+            "{OK}{}single_node = true\n",
+            KUBE.replace(
+                "[agent.reboot]\nbefore = [[\"systemctl\", \"stop\", \"kubelet\"]]\n",
+                "",
+            )
+        );
+        assert!(refused(&alone).contains("stopping kubelet"));
+        assert!(refused(&with("leas_secs = 60")).contains("unknown field"));
     }
 
     #[test]

@@ -101,6 +101,10 @@ pub enum Error {
     /// Container images could not be loaded into containerd, or are not what was signed.
     #[error("container images: {0}")]
     Images(String),
+    /// The reboot coordinator refused leave to reboot for this attempt (a drain that timed
+    /// out with `onTimeout: abort`); the applied slot was taken back.
+    #[error("reboot refused: {0}")]
+    RebootRefused(String),
 }
 
 impl Error {
@@ -144,6 +148,7 @@ impl Error {
             Error::Interrupted(_) => 29,
             Error::NotDesired(_) => 30,
             Error::Images(_) => 31,
+            Error::RebootRefused(_) => 32,
         }
     }
 }

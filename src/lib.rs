@@ -24,6 +24,7 @@ pub mod failpoint;
 pub mod fsutil;
 pub mod health;
 pub mod install;
+pub mod kubernetes;
 pub mod lock;
 pub mod memory;
 pub mod process;

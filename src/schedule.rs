@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_WINDOW_SECS: u64 = 7 * 86_400;
 
 /// A window as written in the configuration (`[[agent.window]]`) or a desired state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WindowSpec {
     /// Cron pattern of the window's start: `min hour day month weekday`, or with a leading
@@ -25,7 +25,9 @@ pub struct WindowSpec {
     /// How long the window stays open: `2h`, `90m`, `1h 30m`.
     pub duration: String,
     /// IANA time zone the pattern is read in (default UTC).
+    /// (The schema names it as Kubernetes objects spell it; both spellings are read.)
     #[serde(default = "utc", alias = "timeZone", skip_serializing_if = "is_utc")]
+    #[schemars(rename = "timeZone")]
     pub time_zone: String,
 }
 

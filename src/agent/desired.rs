@@ -37,7 +37,7 @@ pub struct Metadata {
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Spec {
     /// The release to run (the bundle's `version`).
@@ -62,14 +62,18 @@ pub struct Spec {
     pub health: Option<ExtraHealth>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StagePolicy {
     #[serde(default)]
     pub policy: StageWhen,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum StageWhen {
     /// Download as soon as the desired state arrives (a ship stages in harbour).
     #[default]
@@ -78,7 +82,7 @@ pub enum StageWhen {
     InWindow,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Activation {
     #[serde(default)]
@@ -88,7 +92,9 @@ pub struct Activation {
     pub windows: Vec<WindowSpec>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum ActivateWhen {
     /// Apply and reboot in the next maintenance window.
     #[default]
@@ -99,7 +105,7 @@ pub enum ActivateWhen {
     Manual,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ExtraHealth {
     /// A longer deadline for the first boot of this update (never shorter than configured).
@@ -107,7 +113,17 @@ pub struct ExtraHealth {
     pub deadline_secs: Option<u64>,
     /// Probes added to the configured ones, same fields as `[[health.probe]]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "any_objects")]
     pub probes: Vec<serde_json::Value>,
+}
+
+/// Probes are checked by their own parser (`[[health.probe]]`), so the schema only says
+/// "objects": a Kubernetes API server keeps their fields instead of pruning them.
+fn any_objects(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+    })
 }
 
 /// A byte count written as a number or with a unit (`500MiB`, `2 GB`).
@@ -117,6 +133,18 @@ pub struct ByteSize(pub u64);
 impl Serialize for ByteSize {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(self.0)
+    }
+}
+
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Bytes: a number, or a number with a unit (`300MiB`, `2GB`).",
+            "x-kubernetes-int-or-string": true
+        })
     }
 }
 

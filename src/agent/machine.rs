@@ -42,6 +42,8 @@ pub enum Phase {
     Applying,
     /// Loading the new slot's container images into containerd, while the old OS still runs.
     Importing,
+    /// Waiting for leave to reboot: a cluster slot (`maxUnavailable`), the node drained.
+    Draining,
     /// Stopping services and rebooting into the new slot.
     Rebooting,
     /// Booted again: waiting for the health gate's verdict on the new slot.
@@ -55,12 +57,13 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 10] = [
+    pub const ALL: [Phase; 11] = [
         Phase::Idle,
         Phase::Staging,
         Phase::Staged,
         Phase::Applying,
         Phase::Importing,
+        Phase::Draining,
         Phase::Rebooting,
         Phase::Verifying,
         Phase::Succeeded,
@@ -79,10 +82,11 @@ impl Phase {
             Staged => &[Staging],
             Applying => &[Staged],
             Importing => &[Applying],
-            Rebooting => &[Importing],
+            Draining => &[Importing],
+            Rebooting => &[Draining],
             Verifying => &[Rebooting],
             Succeeded => &[Verifying],
-            Failed => &[Staging, Applying, Importing, Rebooting, Verifying],
+            Failed => &[Staging, Applying, Importing, Draining, Rebooting, Verifying],
             GaveUp => &[Failed],
         }
     }
@@ -94,6 +98,7 @@ impl Phase {
             Phase::Staged => "staged",
             Phase::Applying => "applying",
             Phase::Importing => "importing",
+            Phase::Draining => "draining",
             Phase::Rebooting => "rebooting",
             Phase::Verifying => "verifying",
             Phase::Succeeded => "succeeded",
@@ -106,7 +111,11 @@ impl Phase {
     pub fn is_committed(self) -> bool {
         matches!(
             self,
-            Phase::Applying | Phase::Importing | Phase::Rebooting | Phase::Verifying
+            Phase::Applying
+                | Phase::Importing
+                | Phase::Draining
+                | Phase::Rebooting
+                | Phase::Verifying
         )
     }
 }
@@ -220,6 +229,21 @@ pub struct AgentState {
     /// provider never replaces a newer one from another (after a restart, say).
     #[serde(default)]
     pub seen: std::collections::BTreeMap<String, String>,
+    /// The coordinator was asked for leave to reboot and has not handed the node back yet
+    /// (uncordon, lease): owed even across a restart, whatever the update's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_owed: Option<Owed>,
+}
+
+/// A release the coordinator still owes, and for which end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Owed {
+    /// Asked for leave; the update has not ended yet (a confirmed update is released
+    /// before it counts as succeeded, so there is no "owed after success").
+    Pending,
+    RolledBack,
+    NotRebooted,
 }
 
 impl Default for AgentState {
@@ -241,6 +265,7 @@ impl Default for AgentState {
             history: Vec::new(),
             notices: Vec::new(),
             seen: Default::default(),
+            release_owed: None,
         }
     }
 }
@@ -370,7 +395,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(allowed, 22, "the diagram in docs/agent.dot has 22 edges");
+        assert_eq!(allowed, 24, "the diagram in docs/agent.dot has 24 edges");
     }
 
     #[test]
@@ -406,13 +431,14 @@ mod tests {
             Phase::Staged,
             Phase::Applying,
             Phase::Importing,
+            Phase::Draining,
             Phase::Rebooting,
             Phase::Verifying,
             Phase::Succeeded,
         ] {
             st.transition(to, 1, "").unwrap();
         }
-        assert_eq!(st.history.len(), 7);
+        assert_eq!(st.history.len(), 8);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod coordinate;
 pub mod desired;
 pub mod host;
 pub mod machine;
@@ -155,6 +156,24 @@ pub fn run(cfg: &Config) -> Result<()> {
         let (c, tx) = (cfg.clone(), tx.clone());
         std::thread::spawn(move || media::watch(c, tx));
     }
+    // In a cluster: OSUpdates are a provider, reboots wait for a Lease and a drain, and the
+    // node reports in the OSUpdate's status. The kubeconfig is read now; the API server may
+    // well be down (staging goes on without it).
+    let mut reporter = None;
+    if let Some(k) = &agent.kubernetes {
+        let kube = crate::kubernetes::Kube::connect(k).map_err(|e| Error::Config {
+            path: "[agent.kubernetes]".into(),
+            reason: e.to_string(),
+        })?;
+        crate::kubernetes::provider::spawn(&kube, agent.clone(), tx.clone());
+        let c = crate::kubernetes::coordinator::KubeCoordinator::new(&kube);
+        reporter = Some(crate::kubernetes::status::Reporter::spawn(
+            &kube,
+            c.shared.clone(),
+        ));
+        // The coordinator keeps the runtime (an `Arc`) as long as the agent lives.
+        rec.coordinator = Box::new(c);
+    }
 
     // Progress events: to subscribers, and fetched bytes to the metrics.
     let sink: crate::progress::Sink = {
@@ -201,7 +220,19 @@ pub fn run(cfg: &Config) -> Result<()> {
                     .to_string(),
                 );
             }
-            shared.set_snapshot(snapshot(&cfg2, st));
+            let snap = snapshot(&cfg2, st);
+            if let Some(r) = &reporter {
+                r.publish(crate::kubernetes::status::Report {
+                    origin: st.desired.as_ref().map(|d| d.origin.clone()),
+                    phase: st.phase.as_str().to_string(),
+                    running_version: snap.running.as_ref().and_then(|r| r.version.clone()),
+                    staged_version: snap.staged_version.clone(),
+                    last_error: st.last_error.clone(),
+                    rollbacks: snap.rollbacks_total,
+                    at: st.since,
+                });
+            }
+            shared.set_snapshot(snap);
         });
     }
     {

@@ -9,8 +9,9 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use super::coordinate::{Coordinator, Ended, Gate, Local};
 use super::desired::{ActivateWhen, Desired, StageWhen};
-use super::machine::{AgentState, AgentStore, Outcome, OutcomeKind, Phase, Work};
+use super::machine::{AgentState, AgentStore, Outcome, OutcomeKind, Owed, Phase, Work};
 use crate::config::AgentConfig;
 use crate::error::{Error, Result};
 
@@ -90,6 +91,20 @@ pub trait Host {
     fn verdict(&self, target: &str) -> Result<BootVerdict>;
 }
 
+/// A wait time that is never in the past (a coordinator's clock may differ).
+fn until_or(until: u64, now: u64) -> u64 {
+    until.max(now + 1)
+}
+
+/// When to ask a coordinator again after anything but `Go` (`release` never aborts; if one
+/// did, asking again soon is the safe answer).
+fn retry_at(g: &Gate, now: u64) -> u64 {
+    match g {
+        Gate::Wait { until, .. } => until_or(*until, now),
+        _ => now + 5,
+    }
+}
+
 /// What the loop should do after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -118,6 +133,8 @@ pub struct Reconciler<'a> {
     pub on_change: Box<dyn FnMut(&AgentState) + Send + 'a>,
     /// Notices for the console.
     pub on_notice: Box<dyn FnMut(&str) + Send + 'a>,
+    /// Who gives leave to reboot ([`Local`] unless the agent runs in a cluster).
+    pub coordinator: Box<dyn Coordinator + 'a>,
 }
 
 impl<'a> Reconciler<'a> {
@@ -134,6 +151,7 @@ impl<'a> Reconciler<'a> {
             cancel: Arc::new(AtomicBool::new(false)),
             on_change: Box::new(|_| {}),
             on_notice: Box::new(|_| {}),
+            coordinator: Box::new(Local),
         })
     }
 
@@ -233,6 +251,14 @@ impl<'a> Reconciler<'a> {
             .min(self.agent.retry_max_secs);
         self.state.last_error = Some(e.to_string());
         self.state.retry_at = Some(now + backoff);
+        if self.state.release_owed == Some(Owed::Pending) {
+            // Leave was asked for: the node is handed back before the retry.
+            self.state.release_owed = Some(if self.state.phase == Phase::Verifying {
+                Owed::RolledBack
+            } else {
+                Owed::NotRebooted
+            });
+        }
         let target = self
             .state
             .desired
@@ -264,9 +290,18 @@ impl<'a> Reconciler<'a> {
             });
             self.go(Phase::GaveUp, &why)?;
             self.notice(why)?;
-            return Ok(Next::WaitUntil(None));
+            return Ok(self.release_first(Next::WaitUntil(None)));
         }
-        Ok(Next::WaitUntil(self.state.retry_at))
+        Ok(self.release_first(Next::WaitUntil(self.state.retry_at)))
+    }
+
+    /// A node owed to the cluster is handed back at once, not after the retry backoff.
+    fn release_first(&self, next: Next) -> Next {
+        if self.state.release_owed.is_some() {
+            Next::Continue
+        } else {
+            next
+        }
     }
 
     /// The device already runs what `d` asks for.
@@ -286,6 +321,9 @@ impl<'a> Reconciler<'a> {
     /// One step of the machine.
     pub fn step(&mut self, host: &mut dyn Host) -> Result<Next> {
         let now = self.clock.now();
+        if let Some(next) = self.settle_release(now)? {
+            return Ok(next);
+        }
         match self.state.phase {
             Phase::Idle | Phase::Succeeded | Phase::GaveUp => {
                 if let Some(q) = self.state.queued.take() {
@@ -320,10 +358,10 @@ impl<'a> Reconciler<'a> {
                     .clone()
                     .expect("importing has a desired state");
                 host.add_health(&slot, &d)?;
-                self.state.work.as_mut().expect("work").reboot_boot_id = Some(host.boot_id()?);
-                self.go(Phase::Rebooting, &format!("rebooting into slot {slot}"))?;
+                self.go(Phase::Draining, "asking for leave to reboot")?;
                 Ok(Next::Continue)
             }
+            Phase::Draining => self.drain(host, now),
             Phase::Rebooting => {
                 let work = self.work();
                 if work.reboot_boot_id.as_deref() == Some(host.boot_id()?.as_str()) {
@@ -342,6 +380,15 @@ impl<'a> Reconciler<'a> {
                 match host.verdict(&target)? {
                     BootVerdict::Pending => Ok(Next::WaitUntil(Some(now + 5))),
                     BootVerdict::Confirmed => {
+                        // The node is handed back (checked Ready, uncordoned, its slot
+                        // released) before the update counts as done.
+                        if self.state.release_owed.is_some() {
+                            let d = self.state.desired.clone().expect("verifying has desired");
+                            match self.coordinator.release(&d, Ended::Confirmed, now) {
+                                Gate::Go => self.state.release_owed = None,
+                                g => return Ok(Next::WaitUntil(Some(retry_at(&g, now)))),
+                            }
+                        }
                         let d = self.state.desired.as_ref().map(|d| d.target());
                         self.state.failures = 0;
                         self.state.last_error = None;
@@ -359,6 +406,9 @@ impl<'a> Reconciler<'a> {
                         Ok(Next::Continue)
                     }
                     BootVerdict::RolledBack(why) => {
+                        if self.state.release_owed.is_some() {
+                            self.state.release_owed = Some(Owed::RolledBack);
+                        }
                         let e =
                             Error::HealthFailed(format!("rolled back from slot {target}: {why}"));
                         let r = self.fail(&e);
@@ -377,6 +427,71 @@ impl<'a> Reconciler<'a> {
 
     fn work(&self) -> Work {
         self.state.work.clone().unwrap_or_default()
+    }
+
+    /// A release owed after the update ended (failed, rolled back, aborted): the node is
+    /// handed back before anything new starts. `Some` while the cluster cannot be told.
+    fn settle_release(&mut self, now: u64) -> Result<Option<Next>> {
+        let ended = match self.state.release_owed {
+            None | Some(Owed::Pending) => return Ok(None),
+            Some(Owed::RolledBack) => Ended::RolledBack,
+            Some(Owed::NotRebooted) => Ended::NotRebooted,
+        };
+        let Some(d) = self.state.desired.clone() else {
+            self.state.release_owed = None;
+            self.save()?;
+            return Ok(None);
+        };
+        match self.coordinator.release(&d, ended, now) {
+            Gate::Go => {
+                self.state.release_owed = None;
+                self.save()?;
+                Ok(None)
+            }
+            g => Ok(Some(Next::WaitUntil(Some(retry_at(&g, now))))),
+        }
+    }
+
+    /// `Draining`: leave to reboot. The slot is written and next to boot; it is taken back
+    /// when the coordinator refuses for good, so an unrelated reboot cannot boot an update
+    /// whose node was never drained.
+    fn drain(&mut self, host: &mut dyn Host, now: u64) -> Result<Next> {
+        let work = self.work();
+        let slot = work.target_slot.clone().unwrap_or_default();
+        if host.running()?.slot == slot {
+            // Rebooted anyway (power cut) while waiting: verify what booted.
+            self.state.work.as_mut().expect("work").reboot_boot_id = Some("unplanned".into());
+            self.go(
+                Phase::Rebooting,
+                "booted the new slot before leave was given",
+            )?;
+            return Ok(Next::Continue);
+        }
+        let d = self.state.desired.clone().expect("draining has desired");
+        if self.state.release_owed.is_none() {
+            // Persisted before asking: whatever happens next, the node is handed back.
+            self.state.release_owed = Some(Owed::Pending);
+            self.save()?;
+        }
+        match self.coordinator.acquire(&d, now) {
+            Gate::Go => {
+                self.state.work.as_mut().expect("work").reboot_boot_id = Some(host.boot_id()?);
+                self.go(Phase::Rebooting, &format!("rebooting into slot {slot}"))?;
+                Ok(Next::Continue)
+            }
+            Gate::Wait { until, why } => {
+                if self.state.last_error.as_deref() != Some(why.as_str()) {
+                    self.state.last_error = Some(why);
+                    self.save()?;
+                }
+                Ok(Next::WaitUntil(Some(until_or(until, now))))
+            }
+            Gate::Abort(why) => {
+                host.abandon(&slot, &why)?;
+                self.state.release_owed = Some(Owed::NotRebooted);
+                self.fail(&Error::RebootRefused(why))
+            }
+        }
     }
 
     fn stage(&mut self, host: &mut dyn Host, now: u64) -> Result<Next> {
@@ -696,6 +811,7 @@ mod tests {
                 Phase::Staged,
                 Phase::Applying,
                 Phase::Importing,
+                Phase::Draining,
                 Phase::Rebooting,
                 Phase::Verifying,
                 Phase::Succeeded
@@ -908,6 +1024,7 @@ mod tests {
             Phase::Staged,
             Phase::Applying,
             Phase::Importing,
+            Phase::Draining,
             Phase::Rebooting,
             Phase::Verifying,
         ] {
@@ -959,5 +1076,161 @@ mod tests {
         rig.run(&mut r, &mut h);
         assert_eq!(r.state.phase, Phase::Succeeded);
         assert_eq!(h.calls("apply"), 1);
+    }
+
+    /// A coordinator in memory: answers what the test scripts, records what it was asked.
+    #[derive(Default)]
+    struct Script {
+        acquire: Vec<Gate>,
+        release: Vec<Gate>,
+        acquired: usize,
+        released: Vec<Ended>,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeCoordinator(std::sync::Arc<std::sync::Mutex<Script>>);
+
+    impl Coordinator for FakeCoordinator {
+        fn acquire(&mut self, _: &Desired, _: u64) -> Gate {
+            let mut s = self.0.lock().unwrap();
+            s.acquired += 1;
+            if s.acquire.is_empty() {
+                Gate::Go
+            } else {
+                s.acquire.remove(0)
+            }
+        }
+        fn release(&mut self, _: &Desired, ended: Ended, _: u64) -> Gate {
+            let mut s = self.0.lock().unwrap();
+            let g = if s.release.is_empty() {
+                Gate::Go
+            } else {
+                s.release.remove(0)
+            };
+            if g == Gate::Go {
+                s.released.push(ended);
+            }
+            g
+        }
+    }
+
+    fn wait(until: u64) -> Gate {
+        Gate::Wait {
+            until,
+            why: "waiting for a slot: 1 of 1 taken by node-b".into(),
+        }
+    }
+
+    #[test]
+    fn no_reboot_until_the_coordinator_gives_leave_then_the_node_is_released() {
+        let rig = Rig::new();
+        let mut h = FakeHost::new();
+        let c = FakeCoordinator::default();
+        c.0.lock().unwrap().acquire = vec![wait(NOON + 30), wait(NOON + 60)];
+        let mut r = rig.rec();
+        r.coordinator = Box::new(c.clone());
+        r.offer(desired("Now")).unwrap();
+        assert_eq!(rig.run(&mut r, &mut h), Next::WaitUntil(Some(NOON + 30)));
+        assert_eq!(r.state.phase, Phase::Draining);
+        assert_eq!(h.calls("reboot"), 0);
+        assert!(r.state.last_error.as_deref().unwrap().contains("node-b"));
+        rig.set(NOON + 30);
+        rig.run(&mut r, &mut h);
+        assert_eq!(h.calls("reboot"), 0);
+        rig.set(NOON + 60);
+        rig.run(&mut r, &mut h);
+        assert_eq!(r.state.phase, Phase::Succeeded);
+        assert_eq!(h.calls("reboot"), 1);
+        let s = c.0.lock().unwrap();
+        assert_eq!(s.acquired, 3);
+        assert_eq!(s.released, [Ended::Confirmed]);
+        assert_eq!(r.state.release_owed, None);
+    }
+
+    #[test]
+    fn drain_abort_takes_the_slot_back_releases_the_node_and_never_reboots() {
+        let rig = Rig::new();
+        let mut h = FakeHost::new();
+        let c = FakeCoordinator::default();
+        c.0.lock().unwrap().acquire = vec![Gate::Abort("drain timed out after 600s".into())];
+        let mut r = rig.rec();
+        r.coordinator = Box::new(c.clone());
+        r.offer(desired("Now")).unwrap();
+        rig.run(&mut r, &mut h);
+        assert_eq!(r.state.phase, Phase::Failed);
+        assert_eq!(h.calls("abandon"), 1);
+        assert_eq!(h.calls("reboot"), 0);
+        assert_eq!(h.booted, "A");
+        assert!(r
+            .state
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("drain timed out"));
+        assert_eq!(c.0.lock().unwrap().released, [Ended::NotRebooted]);
+        assert_eq!(r.state.release_owed, None);
+    }
+
+    /// The API server is down when the update ends: the node stays owed to the cluster,
+    /// across a restart, and is handed back when the link returns; nothing new starts first.
+    #[test]
+    fn release_owed_survives_a_restart_while_the_cluster_is_unreachable() {
+        let rig = Rig::new();
+        let mut h = FakeHost::new();
+        h.roll_back = true;
+        let c = FakeCoordinator::default();
+        c.0.lock().unwrap().release = vec![wait(NOON + 10)];
+        {
+            let mut r = rig.rec();
+            r.coordinator = Box::new(c.clone());
+            r.offer(desired("Now")).unwrap();
+            assert_eq!(rig.run(&mut r, &mut h), Next::WaitUntil(Some(NOON + 10)));
+            assert_eq!(r.state.phase, Phase::Failed);
+            assert_eq!(r.state.release_owed, Some(Owed::RolledBack));
+        }
+        let mut r = rig.rec();
+        assert_eq!(r.state.release_owed, Some(Owed::RolledBack));
+        r.coordinator = Box::new(c.clone());
+        rig.set(NOON + 10);
+        r.step(&mut h).unwrap();
+        assert_eq!(c.0.lock().unwrap().released, [Ended::RolledBack]);
+        assert_eq!(r.state.release_owed, None);
+    }
+
+    #[test]
+    fn confirmed_update_is_not_succeeded_until_the_node_is_handed_back() {
+        let rig = Rig::new();
+        let mut h = FakeHost::new();
+        let c = FakeCoordinator::default();
+        c.0.lock().unwrap().release = vec![wait(NOON + 5)];
+        let mut r = rig.rec();
+        r.coordinator = Box::new(c.clone());
+        r.offer(desired("Now")).unwrap();
+        rig.run(&mut r, &mut h);
+        assert_eq!(r.state.phase, Phase::Verifying);
+        rig.set(NOON + 5);
+        rig.run(&mut r, &mut h);
+        assert_eq!(r.state.phase, Phase::Succeeded);
+        assert_eq!(c.0.lock().unwrap().released, [Ended::Confirmed]);
+    }
+
+    /// Power cut while waiting for leave: the new slot booted anyway. It is verified like any
+    /// boot, not drained again.
+    #[test]
+    fn unplanned_boot_of_the_new_slot_while_draining_is_verified() {
+        let rig = Rig::new();
+        let mut h = FakeHost::new();
+        let c = FakeCoordinator::default();
+        c.0.lock().unwrap().acquire = vec![wait(NOON + 30)];
+        let mut r = rig.rec();
+        r.coordinator = Box::new(c.clone());
+        r.offer(desired("Now")).unwrap();
+        rig.run(&mut r, &mut h);
+        assert_eq!(r.state.phase, Phase::Draining);
+        h.boot();
+        rig.run(&mut r, &mut h);
+        assert_eq!(r.state.phase, Phase::Succeeded);
+        assert_eq!(h.calls("reboot"), 0);
+        assert_eq!(c.0.lock().unwrap().released, [Ended::Confirmed]);
     }
 }

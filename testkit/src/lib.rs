@@ -1,13 +1,15 @@
 //! Test tools for edge-ota's network tests, its QEMU tests and `bench/link.sh`: a
-//! fault-injecting HTTP proxy ([`proxy`]), a real origin server ([`Nginx`]) and a throwaway
-//! TLS PKI ([`pki`]).
+//! fault-injecting HTTP proxy ([`proxy`]), a real origin server ([`Nginx`]), a throwaway
+//! TLS PKI ([`pki`]) and a fake Kubernetes API server ([`kube_api`]).
 //!
 //! The origin is Debian's nginx on purpose: single and multiple ranges, `If-Range` and
 //! `ETag` as a real server implements them, not as a test author imagines them.
 
+pub mod kube_api;
 pub mod pki;
 pub mod proxy;
 
+pub use kube_api::FakeApiServer;
 pub use proxy::{Faults, Proxy, ProxyStats};
 
 use std::io;
