@@ -661,7 +661,7 @@ fn check_delta(p: &Payload, d: &Delta, next_offset: &mut u64) -> Result<()> {
     if p.kind != PayloadKind::Image {
         return Err(bad("deltas exist only for images".into()));
     }
-    if block < 512 || !block.is_power_of_two() || cs % block != 0 || p.size % block != 0 {
+    if block < 512 || !block.is_power_of_two() || cs % block != 0 || !p.size.is_multiple_of(block) {
         return Err(bad(format!(
             "block {block} must be a power of two dividing the chunk size and the payload size"
         )));

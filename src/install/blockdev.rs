@@ -58,7 +58,7 @@ fn open_maybe_direct(path: &Path, write: bool, offset: u64) -> Result<(File, boo
         // device-mapper on it under us, and an existing claim makes this open fail (EBUSY).
         opts.custom_flags(nix::libc::O_EXCL);
     }
-    if offset % ALIGN as u64 == 0 {
+    if offset.is_multiple_of(ALIGN as u64) {
         let mut direct = opts.clone();
         let excl = if write && is_block_device(path) {
             nix::libc::O_EXCL

@@ -74,7 +74,7 @@ pub fn encode(
     threads: usize,
 ) -> Result<Encoded> {
     let bs = p.block as usize;
-    if bs == 0 || new.len() % bs != 0 || chunk_size as usize % bs != 0 {
+    if bs == 0 || !new.len().is_multiple_of(bs) || !(chunk_size as usize).is_multiple_of(bs) {
         return Err(Error::Malformed(format!(
             "delta: the image ({} bytes) and chunk size ({chunk_size}) must be multiples of the block ({bs})",
             new.len()

@@ -236,7 +236,7 @@ fn check_spec(spec: &BundleSpec) -> Result<()> {
         }
         FORMAT_VERSION => {
             let cs = spec.chunk_size;
-            if cs < 4096 || cs % 4096 != 0 || cs > limits::MAX_CHUNK {
+            if cs < 4096 || !cs.is_multiple_of(4096) || cs > limits::MAX_CHUNK {
                 return bad(format!(
                     "chunk size {cs}: a multiple of 4096 up to {}",
                     limits::MAX_CHUNK
