@@ -175,6 +175,11 @@ pub struct KubernetesConfig {
     /// Seconds between looks while waiting for a Lease, evictions or the node's `Ready`.
     #[serde(default = "default_kube_poll")]
     pub poll_secs: u64,
+    /// The kubelet's health endpoint, a required probe of the first boot of every update
+    /// from an OSUpdate (a new OS whose kubelet does not come up is rolled back by the health
+    /// gate, not uncordoned); empty: not added.
+    #[serde(default = "default_kubelet_healthz")]
+    pub kubelet_healthz: String,
 }
 
 fn default_lease_namespace() -> String {
@@ -185,6 +190,10 @@ fn default_lease_secs() -> u64 {
 }
 fn default_kube_poll() -> u64 {
     5
+}
+/// The kubelet's default `healthzBindAddress` and `healthzPort`.
+pub fn default_kubelet_healthz() -> String {
+    "http://127.0.0.1:10248/healthz".into()
 }
 
 /// How the agent reboots into a new slot (`[agent.reboot]`).
@@ -708,6 +717,13 @@ fn check_kubernetes(k: &KubernetesConfig, a: &AgentConfig) -> std::result::Resul
     if k.poll_secs * 3 > k.lease_secs {
         return Err("kubernetes.lease_secs must be at least 3 × poll_secs (renewals)".into());
     }
+    let h = &k.kubelet_healthz;
+    if !h.is_empty() && !h.starts_with("http://") && !h.starts_with("https://") {
+        return Err(format!(
+            "kubernetes.kubelet_healthz {:?} must be an http(s) URL, or empty for none",
+            k.kubelet_healthz
+        ));
+    }
     if k.single_node && a.reboot.before.is_empty() {
         return Err(
             "kubernetes.single_node needs [agent.reboot] before = [...] stopping kubelet and \
@@ -965,6 +981,7 @@ url = "http://127.0.0.1:10248/healthz"
         );
         assert!(refused(&alone).contains("stopping kubelet"));
         assert!(refused(&with("leas_secs = 60")).contains("unknown field"));
+        assert!(refused(&with("kubelet_healthz = \"127.0.0.1:10248\"")).contains("http(s) URL"));
     }
 
     #[test]

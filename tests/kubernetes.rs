@@ -181,6 +181,7 @@ fn agent(server: &FakeApiServer, kubeconfig: &Path, name: &str, lease_secs: u64)
         single_node: false,
         lease_secs,
         poll_secs: 1,
+        kubelet_healthz: String::new(),
     };
     let _ = server;
     let mut a: AgentConfig = toml::from_str("retry_secs = 1\nretry_max_secs = 2\n").unwrap();

@@ -41,9 +41,31 @@ pub fn selects(
     ml && me
 }
 
-/// The agent's desired state from an OSUpdate (checked as any document is).
+/// Name of the probe [`desired_of`] adds for the kubelet.
+pub const KUBELET_PROBE: &str = "kubelet";
+
+/// The agent's desired state from an OSUpdate (checked as any document is). The first boot
+/// of the update must also pass the kubelet's health endpoint (`kubelet_healthz`), unless
+/// the OSUpdate already has a probe of that name.
 pub fn desired_of(o: &OSUpdate, agent: &AgentConfig) -> Result<desired::Desired, String> {
     let name = o.metadata.name.clone().unwrap_or_default();
+    let mut spec = o.spec.update.clone();
+    let healthz = agent
+        .kubernetes
+        .as_ref()
+        .map(|k| k.kubelet_healthz.clone())
+        .unwrap_or_default();
+    if !healthz.is_empty() {
+        let h = spec.health.get_or_insert_with(Default::default);
+        if !h.probes.iter().any(|p| p["name"] == KUBELET_PROBE) {
+            h.probes.push(serde_json::json!({
+                "name": KUBELET_PROBE,
+                "kind": "http",
+                "url": healthz,
+                "required": true,
+            }));
+        }
+    }
     let doc = Document {
         api_version: desired::API_VERSION.into(),
         kind: desired::KIND.into(),
@@ -51,7 +73,7 @@ pub fn desired_of(o: &OSUpdate, agent: &AgentConfig) -> Result<desired::Desired,
             name: Some(name.clone()),
             other: Default::default(),
         },
-        spec: o.spec.update.clone(),
+        spec,
     };
     desired::from_document(doc, &format!("{ORIGIN_PREFIX}{name}"), agent)
 }
@@ -171,6 +193,37 @@ mod tests {
         let d = desired_of(&o, &crate::agent::desired::tests::agent()).unwrap();
         assert_eq!(d.origin, "kubernetes:edge-2-0-0");
         assert_eq!(d.target(), "2.0.0");
+        // Without [agent.kubernetes], nothing is added; with it, the kubelet's healthz is a
+        // required probe of the first boot, once.
+        let probes = |d: &desired::Desired| {
+            d.spec()
+                .health
+                .as_ref()
+                .map(|h| h.probes.clone())
+                .unwrap_or_default()
+        };
+        assert!(!probes(&d).iter().any(|p| p["name"] == KUBELET_PROBE));
+        let mut agent = crate::agent::desired::tests::agent();
+        agent.kubernetes =
+            Some(toml::from_str("kubeconfig = \"/k\"\nnode_name = \"n1\"\n").unwrap());
+        let d = desired_of(&o, &agent).unwrap();
+        let kubelet: Vec<_> = probes(&d)
+            .into_iter()
+            .filter(|p| p["name"] == KUBELET_PROBE)
+            .collect();
+        assert_eq!(kubelet.len(), 1, "{kubelet:?}");
+        assert_eq!(kubelet[0]["url"], "http://127.0.0.1:10248/healthz");
+        assert_eq!(kubelet[0]["required"], true);
+        let mut twice = o.clone();
+        twice.spec.update.health = d.spec().health.clone();
+        let d = desired_of(&twice, &agent).unwrap();
+        assert_eq!(
+            probes(&d)
+                .iter()
+                .filter(|p| p["name"] == KUBELET_PROBE)
+                .count(),
+            1
+        );
         let mut bad = o.clone();
         bad.spec.update.sources.clear();
         assert!(desired_of(&bad, &crate::agent::desired::tests::agent())
