@@ -179,7 +179,14 @@ fn desired_file_over_http_is_staged_applied_in_its_window_rebooted_and_reported_
         .collect();
     assert_eq!(
         trail,
-        ["staging", "staged", "applying", "importing", "rebooting"],
+        [
+            "staging",
+            "staged",
+            "applying",
+            "importing",
+            "draining",
+            "rebooting"
+        ],
         "{s}"
     );
 
