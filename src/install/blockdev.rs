@@ -114,6 +114,8 @@ struct Stripe {
     data: AlignedBuf,
     /// Byte ranges within the stripe that are filled.
     filled: Vec<(usize, usize)>,
+    /// Their total: the stripe is full at [`STRIPE`].
+    bytes: usize,
     /// The chunks whose bytes are in it.
     chunks: Vec<u32>,
 }
@@ -328,6 +330,7 @@ impl PosWriter {
                     Stripe {
                         data,
                         filled: Vec::new(),
+                        bytes: 0,
                         chunks: Vec::new(),
                     },
                 );
@@ -337,8 +340,9 @@ impl PosWriter {
             stripe.data.as_mut_slice()[ss..se]
                 .copy_from_slice(&data[(s - at) as usize..(e - at) as usize]);
             stripe.filled.push((ss, se));
+            stripe.bytes += se - ss;
             stripe.chunks.push(id);
-            if stripe.filled.iter().map(|(s, e)| e - s).sum::<usize>() == STRIPE {
+            if stripe.bytes == STRIPE {
                 full.push((stripe_at, st.open.remove(&stripe_at).expect("just filled")));
             }
         }

@@ -49,8 +49,8 @@ pub fn classify(pod: &Pod) -> PodAction {
     PodAction::Evict
 }
 
-/// Cordon `node` (idempotent). Returns whether this agent cordoned it (now or before).
-pub async fn cordon(nodes: &Api<Node>, node: &str) -> Result<bool, KubeError> {
+/// The node, and whether it carries this agent's cordon mark.
+async fn get_marked(nodes: &Api<Node>, node: &str) -> Result<(Node, bool), KubeError> {
     let n = nodes
         .get(node)
         .await
@@ -60,6 +60,12 @@ pub async fn cordon(nodes: &Api<Node>, node: &str) -> Result<bool, KubeError> {
         .annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(CORDONED_BY));
+    Ok((n, ours))
+}
+
+/// Cordon `node` (idempotent). Returns whether this agent cordoned it (now or before).
+pub async fn cordon(nodes: &Api<Node>, node: &str) -> Result<bool, KubeError> {
+    let (n, ours) = get_marked(nodes, node).await?;
     let unschedulable = n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
     if unschedulable {
         // Cordoned by a person (or by us before a restart): never uncordoned by us unless
@@ -79,15 +85,7 @@ pub async fn cordon(nodes: &Api<Node>, node: &str) -> Result<bool, KubeError> {
 
 /// Uncordon `node` if this agent cordoned it (idempotent).
 pub async fn uncordon(nodes: &Api<Node>, node: &str) -> Result<(), KubeError> {
-    let n = nodes
-        .get(node)
-        .await
-        .map_err(KubeError::api("getting node", node))?;
-    let ours = n
-        .metadata
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(CORDONED_BY));
+    let (_, ours) = get_marked(nodes, node).await?;
     if !ours {
         return Ok(());
     }
